@@ -1,0 +1,1 @@
+"""Storage: pool, file and block domains, volumes, images, SPM tasks."""

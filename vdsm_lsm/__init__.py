@@ -1,0 +1,1 @@
+"""vdsm-lsm: the daemon, its configuration, API schema and client."""

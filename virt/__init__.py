@@ -1,0 +1,1 @@
+"""Virt: VMs on libvirt, drives, events, snapshot, replication, watermark monitor."""
