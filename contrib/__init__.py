@@ -1,0 +1,1 @@
+"""Host set-up, the test guest, benchmarks and demos (not installed)."""
