@@ -27,16 +27,7 @@ class Booted:
     image: str
     serial_log: str
     serial: verifier.SerialLog
-
-
-def boot_and_write(
-    art: guest.Artifacts, image: str, serial_log: str, count: int, **params: object
-) -> verifier.SerialLog:
-    """Boot the guest on image, wait for count ACKs, stop QEMU."""
-    args = guest.kernel_args(count=count, **params)
-    with qemu.Guest(art, image, "qcow2", serial_log, args) as g:
-        serial = verifier.wait_for_acks(serial_log, count, timeout=BOOT_TIMEOUT, alive=g.alive)
-    return serial
+    live_result: verifier.Result  # verified while QEMU still had the image open
 
 
 def create_qcow2(path: str, size: str = "128M", backing: str | None = None) -> None:
@@ -52,8 +43,11 @@ def booted(artifacts: guest.Artifacts, module_workdir: str) -> collections.abc.I
     image = os.path.join(module_workdir, "disk.qcow2")
     serial_log = os.path.join(module_workdir, "serial.log")
     create_qcow2(image)
-    serial = boot_and_write(artifacts, image, serial_log, ACKS, span_mb=16)
-    yield Booted(image, serial_log, serial)
+    args = guest.kernel_args(count=ACKS, span_mb=16)
+    with qemu.Guest(artifacts, image, "qcow2", serial_log, args) as g:
+        serial = verifier.wait_for_acks(serial_log, ACKS, timeout=BOOT_TIMEOUT, alive=g.alive)
+        live_result = verifier.verify(serial_log, image, "qcow2")
+    yield Booted(image, serial_log, serial, live_result)
 
 
 def test_guest_boots_and_logs_its_writes(booted: Booted) -> None:
@@ -73,6 +67,12 @@ def test_every_acked_write_is_on_the_image(booted: Booted) -> None:
 
     assert result.lost == 0, result.details
     assert result.verified == len({ack.block for ack in booted.serial.acks})
+
+
+def test_image_in_use_by_the_guest_is_verified(booted: Booted) -> None:
+    # qemu-img shares the image with the running QEMU (-U).
+    assert booted.live_result.lost == 0, booted.live_result.details
+    assert booted.live_result.acks >= ACKS
 
 
 def test_corrupted_block_is_reported_lost(booted: Booted, workdir: str) -> None:
@@ -123,7 +123,11 @@ def test_verifier_reads_through_the_backing_chain(
     shutil.copyfile(booted.image, base)
     create_qcow2(overlay, backing="base.qcow2")
     second_log = os.path.join(workdir, "second.log")
-    boot_and_write(artifacts, overlay, second_log, 50, span_mb=16, pattern="seq")
+    args = guest.kernel_args(count=50, span_mb=16, pattern="seq", poweroff=True)
+    with qemu.Guest(artifacts, overlay, "qcow2", second_log, args) as g:
+        # The guest powers itself off after its 50 writes.
+        assert g.wait(BOOT_TIMEOUT) == 0
+    assert "WRITER DONE count=50" in verifier.parse_log(second_log).text
 
     both = os.path.join(workdir, "both.log")
     with open(both, "wb") as out:

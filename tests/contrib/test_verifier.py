@@ -8,6 +8,7 @@ stands for the serial log. The guest itself is booted in test_guest.py.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -295,6 +296,21 @@ def test_writer_refuses_bad_parameters(
     assert proc.returncode == 2
     assert "WRITER ERROR" in out and error in out
     assert "ACK" not in out
+
+
+def test_writer_paces_writes_at_the_requested_rate(
+    artifacts: guest.Artifacts, workdir: str
+) -> None:
+    disk = make_disk(workdir)
+    serial_log = os.path.join(workdir, "serial.log")
+    out = run_writer(artifacts, disk, serial_log, count=6, span_mb=1, rate=20)
+
+    # Write n starts no sooner than (n-1)/rate s after the writer's start,
+    # so 6 writes take at least 5 intervals of 50 ms.
+    done = re.search(r"WRITER DONE count=6 ms=(\d+)", out)
+    assert done is not None, out
+    assert int(done[1]) >= 5 * 50
+    assert verifier.verify(serial_log, disk, "raw").lost == 0
 
 
 def test_writer_params_rejects_unknown_pattern() -> None:
