@@ -24,6 +24,9 @@ Usage::
     pool.write_file_atomic(path, b"CAP=1024\\nEOF\\n")
     data = pool.read_direct(slot_path, offset=4096, size=512)
     pool.close()
+
+:class:`InProcess` offers the same methods run in the calling process
+(for local paths and tests), so code can take either.
 """
 
 from __future__ import annotations
@@ -58,28 +61,8 @@ _HEADER = struct.Struct(">I")
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Pool:
-    """A bounded set of helper processes running file operations.
-
-    Thread safe: each call borrows one idle helper for its duration; when
-    all ``max_workers`` helpers are busy a call waits for one, and that
-    wait counts against the call's timeout too.
-    """
-
-    def __init__(self, max_workers: int = DEFAULT_WORKERS, timeout: float = DEFAULT_TIMEOUT,
-                 name: str = "oop") -> None:
-        if max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1: {max_workers}")
-        self.max_workers = max_workers
-        self.timeout = timeout
-        self.name = name
-        self._cond = threading.Condition()
-        self._idle: list[_Helper] = []
-        self._count = 0  # helpers alive or being started, idle or busy
-        self._busy: set[_Helper] = set()
-        self._closed = False
-
-    # File operations. Each takes an optional per-call timeout (seconds).
+class FileOps:
+    """The file operations; subclasses say where they run (``_call``)."""
 
     def read_file(self, path: str, timeout: float | None = None) -> bytes:
         return self._call("read_file", path, (), timeout)
@@ -145,6 +128,45 @@ class Pool:
         offset and len(data) must be 512-aligned."""
         _check_aligned(offset, len(data))
         self._call("write_direct", path, (offset, bytes(data)), timeout)
+
+    def _call(self, op: str, path: str, args: tuple, timeout: float | None) -> Any:
+        raise NotImplementedError
+
+
+class InProcess(FileOps):
+    """The same operations run in the calling process, without timeouts.
+
+    For paths that can't hang (local directories) and for tests; storage
+    domains use a :class:`Pool`.
+    """
+
+    def close(self) -> None:
+        pass
+
+    def _call(self, op: str, path: str, args: tuple, timeout: float | None) -> Any:
+        return _unpack_reply(op, path, _run_op((op, path) + args))
+
+
+class Pool(FileOps):
+    """A bounded set of helper processes running file operations.
+
+    Thread safe: each call borrows one idle helper for its duration; when
+    all ``max_workers`` helpers are busy a call waits for one, and that
+    wait counts against the call's timeout too.
+    """
+
+    def __init__(self, max_workers: int = DEFAULT_WORKERS, timeout: float = DEFAULT_TIMEOUT,
+                 name: str = "oop") -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1: {max_workers}")
+        self.max_workers = max_workers
+        self.timeout = timeout
+        self.name = name
+        self._cond = threading.Condition()
+        self._idle: list[_Helper] = []
+        self._count = 0  # helpers alive or being started, idle or busy
+        self._busy: set[_Helper] = set()
+        self._closed = False
 
     # Pool management.
 

@@ -25,6 +25,16 @@ def tmp_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(params=["pool", "in_process"])
+def files(request: pytest.FixtureRequest) -> Iterator[oop.FileOps]:
+    """The same operations, in helper processes or in this process."""
+    ops = oop.Pool(max_workers=2, timeout=30) if request.param == "pool" else oop.InProcess()
+    try:
+        yield ops
+    finally:
+        ops.close()
+
+
 @pytest.fixture
 def pool() -> Iterator[oop.Pool]:
     p = oop.Pool(max_workers=2, timeout=30)
@@ -34,91 +44,91 @@ def pool() -> Iterator[oop.Pool]:
         p.close()
 
 
-def test_write_read_atomic(pool: oop.Pool, tmp_dir: str) -> None:
+def test_write_read_atomic(files: oop.FileOps, tmp_dir: str) -> None:
     path = os.path.join(tmp_dir, "vol.meta")
-    pool.write_file_atomic(path, b"CAP=1024\nFORMAT=COW\nEOF\n", mode=0o600)
-    assert pool.read_file(path) == b"CAP=1024\nFORMAT=COW\nEOF\n"
-    assert pool.read_lines(path) == ["CAP=1024", "FORMAT=COW", "EOF"]
+    files.write_file_atomic(path, b"CAP=1024\nFORMAT=COW\nEOF\n", mode=0o600)
+    assert files.read_file(path) == b"CAP=1024\nFORMAT=COW\nEOF\n"
+    assert files.read_lines(path) == ["CAP=1024", "FORMAT=COW", "EOF"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    pool.write_file_atomic(path, b"replaced\n")
-    assert pool.read_file(path) == b"replaced\n"
+    files.write_file_atomic(path, b"replaced\n")
+    assert files.read_file(path) == b"replaced\n"
     assert os.listdir(tmp_dir) == ["vol.meta"]
 
 
-def test_directory_operations(pool: oop.Pool, tmp_dir: str) -> None:
+def test_directory_operations(files: oop.FileOps, tmp_dir: str) -> None:
     images = os.path.join(tmp_dir, "images", "img1")
-    pool.makedirs(images)
-    pool.makedirs(images)  # exist_ok by default
-    assert pool.exists(images)
-    assert not pool.exists(os.path.join(tmp_dir, "missing"))
-    pool.truncate(os.path.join(images, "vol1"), 1024 * 1024)
-    pool.write_file_atomic(os.path.join(images, "vol1.meta"), b"EOF\n")
-    assert sorted(pool.listdir(images)) == ["vol1", "vol1.meta"]
-    assert pool.glob(os.path.join(tmp_dir, "images", "*", "*.meta")) == [
+    files.makedirs(images)
+    files.makedirs(images)  # exist_ok by default
+    assert files.exists(images)
+    assert not files.exists(os.path.join(tmp_dir, "missing"))
+    files.truncate(os.path.join(images, "vol1"), 1024 * 1024)
+    files.write_file_atomic(os.path.join(images, "vol1.meta"), b"EOF\n")
+    assert sorted(files.listdir(images)) == ["vol1", "vol1.meta"]
+    assert files.glob(os.path.join(tmp_dir, "images", "*", "*.meta")) == [
         os.path.join(images, "vol1.meta")]
-    st = pool.stat(os.path.join(images, "vol1"))
+    st = files.stat(os.path.join(images, "vol1"))
     assert st.st_size == 1024 * 1024
-    assert pool.statvfs(tmp_dir).f_bsize > 0
-    pool.fsync(os.path.join(images, "vol1"))
-    pool.fsync(images)
-    pool.rename(os.path.join(images, "vol1"), os.path.join(images, "vol2"))
-    assert sorted(pool.listdir(images)) == ["vol1.meta", "vol2"]
-    pool.unlink(os.path.join(images, "vol2"))
-    assert pool.listdir(images) == ["vol1.meta"]
-    pool.rmtree(os.path.join(tmp_dir, "images"))
+    assert files.statvfs(tmp_dir).f_bsize > 0
+    files.fsync(os.path.join(images, "vol1"))
+    files.fsync(images)
+    files.rename(os.path.join(images, "vol1"), os.path.join(images, "vol2"))
+    assert sorted(files.listdir(images)) == ["vol1.meta", "vol2"]
+    files.unlink(os.path.join(images, "vol2"))
+    assert files.listdir(images) == ["vol1.meta"]
+    files.rmtree(os.path.join(tmp_dir, "images"))
     assert os.listdir(tmp_dir) == []
 
 
-def test_oserror_keeps_errno(pool: oop.Pool, tmp_dir: str) -> None:
+def test_oserror_keeps_errno(files: oop.FileOps, tmp_dir: str) -> None:
     missing = os.path.join(tmp_dir, "missing")
     with pytest.raises(FileNotFoundError) as e:
-        pool.read_file(missing)
+        files.read_file(missing)
     assert e.value.errno == errno.ENOENT
     assert e.value.filename == missing
     with pytest.raises(FileNotFoundError):
-        pool.unlink(missing)
+        files.unlink(missing)
     with pytest.raises(FileExistsError):
-        pool.makedirs(tmp_dir, exist_ok=False)
-    pool.write_file_atomic(os.path.join(tmp_dir, "x"), b"")
+        files.makedirs(tmp_dir, exist_ok=False)
+    files.write_file_atomic(os.path.join(tmp_dir, "x"), b"")
     with pytest.raises(NotADirectoryError):
-        pool.listdir(os.path.join(tmp_dir, "x"))
+        files.listdir(os.path.join(tmp_dir, "x"))
 
 
-def test_atomic_write_failure_leaves_no_temp_file(pool: oop.Pool, tmp_dir: str) -> None:
+def test_atomic_write_failure_leaves_no_temp_file(files: oop.FileOps, tmp_dir: str) -> None:
     # The final name is a non-empty directory: the rename fails after the
     # temp file was written.
     target = os.path.join(tmp_dir, "target")
     os.mkdir(target)
     open(os.path.join(target, "keep"), "w").close()
     with pytest.raises(OSError) as e:
-        pool.write_file_atomic(target, b"data")
+        files.write_file_atomic(target, b"data")
     assert e.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
     assert os.listdir(tmp_dir) == ["target"]
     assert os.listdir(target) == ["keep"]
 
 
-def test_direct_io(pool: oop.Pool, tmp_dir: str) -> None:
+def test_direct_io(files: oop.FileOps, tmp_dir: str) -> None:
     path = os.path.join(tmp_dir, "metadata")
-    pool.truncate(path, 1024 * 1024)
+    files.truncate(path, 1024 * 1024)
     block = b"slot 3".ljust(512, b"\0")
-    pool.write_direct(path, 3 * 512, block)
-    assert pool.read_direct(path, 3 * 512, 512) == block
-    assert pool.read_direct(path, 0, 512) == b"\0" * 512
+    files.write_direct(path, 3 * 512, block)
+    assert files.read_direct(path, 3 * 512, 512) == block
+    assert files.read_direct(path, 0, 512) == b"\0" * 512
     with open(path, "rb") as f:
         f.seek(3 * 512)
         assert f.read(512) == block
     # Two slots at once.
-    pool.write_direct(path, 4096, b"a" * 512 + b"b" * 512)
-    assert pool.read_direct(path, 4096, 1024) == b"a" * 512 + b"b" * 512
+    files.write_direct(path, 4096, b"a" * 512 + b"b" * 512)
+    assert files.read_direct(path, 4096, 1024) == b"a" * 512 + b"b" * 512
 
 
-def test_direct_io_checks_alignment(pool: oop.Pool, tmp_dir: str) -> None:
+def test_direct_io_checks_alignment(files: oop.FileOps, tmp_dir: str) -> None:
     path = os.path.join(tmp_dir, "metadata")
-    pool.truncate(path, 4096)
+    files.truncate(path, 4096)
     with pytest.raises(ValueError):
-        pool.read_direct(path, 100, 512)
+        files.read_direct(path, 100, 512)
     with pytest.raises(ValueError):
-        pool.write_direct(path, 0, b"short")
+        files.write_direct(path, 0, b"short")
 
 
 @pytest.fixture

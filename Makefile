@@ -1,0 +1,33 @@
+# vdsm-lsm: see README.md.  Every target sets the host up first (idempotent).
+PYTHON := .venv/bin/python
+GUEST_DIR ?= /var/cache/vdsm-lsm/guest
+
+.PHONY: setup check test lint demo bench docs guest clean
+
+setup:
+	contrib/setup-host
+
+guest: setup
+	contrib/guest/build --out $(GUEST_DIR)
+
+lint: setup
+	.venv/bin/ruff check .
+
+# The whole test suite against real libvirtd, QEMU, lvm2 and qemu-img.
+check: setup guest
+	contrib/run-checks
+
+test: check
+
+# A real live storage migration of a running test VM on local storage.
+demo: setup guest
+	contrib/demo
+
+bench: setup guest
+	contrib/bench/run
+
+docs: setup
+	$(PYTHON) -m vdsm_lsm.docs -o docs/api.md
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,304 @@
+"""The API schema: verbs, their params, named types, aliases and error codes.
+
+The schema (a YAML document, ``vdsm_lsm/api.yml``) is the single source of
+truth: dispatch, argument validation, the CLI's help and the API reference
+all read it through this module.  Validation turns request params into the
+keyword arguments of a handler:
+
+- every param is checked against its type before any handler runs; nothing
+  from a request reaches a handler unvalidated (UUIDs are RFC 4122 text and
+  are answered lowercase, so ``../`` can never become part of a path);
+- unknown, missing, mistyped params and unknown enum values raise
+  :class:`rpc.errors.InvalidParams` naming the param;
+- param names are snake-cased for the handler (``storagepoolID`` ->
+  ``storagepool_id``); nested dicts keep the caller's keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from rpc import errors
+
+BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+_SNAKE_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_BASIC_TYPES = {"uuid", "string", "int", "size", "bool", "number", "enum", "list", "dict", "any"}
+
+
+def snake_case(name: str) -> str:
+    """storagepoolID -> storagepool_id, getVMList -> get_vmlist."""
+    return _SNAKE_RE.sub("_", name).lower()
+
+
+def handler_name(verb: str) -> str:
+    """Volume.create -> volume_create, StoragePool.spmStart -> storage_pool_spm_start."""
+    namespace, _, name = verb.partition(".")
+    return f"{snake_case(namespace)}_{snake_case(name)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    spec: Mapping[str, Any]
+
+    @property
+    def required(self) -> bool:
+        return "default" not in self.spec and self.spec.get("required", True)
+
+    @property
+    def type(self) -> str:
+        return self.spec["type"]
+
+    @property
+    def doc(self) -> str:
+        return self.spec.get("doc", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Verb:
+    name: str
+    doc: str
+    params: tuple[Param, ...]
+    returns: str
+    # For an alias: the verb it stands for and how its param names map.
+    target: str | None = None
+    param_map: Mapping[str, str] | None = None
+
+    @property
+    def namespace(self) -> str:
+        return self.name.partition(".")[0] if "." in self.name else ""
+
+
+class Schema:
+    def __init__(self, doc: Mapping[str, Any]) -> None:
+        self.types: dict[str, Mapping[str, Any]] = dict(doc.get("types") or {})
+        self.errors: dict[str, int] = {}
+        self.error_messages: dict[str, str] = {}
+        for name, entry in (doc.get("errors") or {}).items():
+            self.errors[name] = int(entry["code"])
+            self.error_messages[name] = entry.get("message", name)
+        self.verbs: dict[str, Verb] = {}
+        for name, entry in (doc.get("verbs") or {}).items():
+            params = tuple(Param(p, spec) for p, spec in (entry.get("params") or {}).items())
+            verb = Verb(name, entry.get("doc", ""), params, str(entry.get("returns", "")))
+            self.verbs[name] = verb
+            for alias, mapping in (entry.get("aliases") or {}).items():
+                by_target = {p.name: p for p in params}
+                alias_params = tuple(
+                    Param(src, by_target[dst].spec) for src, dst in mapping.items()
+                )
+                self.verbs[alias] = Verb(
+                    alias,
+                    f"Alias of {name}.",
+                    alias_params,
+                    verb.returns,
+                    target=name,
+                    param_map=dict(mapping),
+                )
+        self._check()
+
+    @classmethod
+    def load(cls, path: str) -> Schema:
+        with open(path, encoding="utf-8") as f:
+            return cls(yaml.load(f, Loader=_StrictLoader))  # noqa: S506 (a safe loader)
+
+    def _check(self) -> None:
+        """Reject a schema that names unknown types (a bug, found at start)."""
+        for verb in self.verbs.values():
+            for param in verb.params:
+                self._check_spec(param.spec, f"{verb.name}.{param.name}")
+        for name, spec in self.types.items():
+            self._check_spec(spec, name)
+
+    def _check_spec(self, spec: Mapping[str, Any], where: str) -> None:
+        kind = spec.get("type")
+        if kind not in _BASIC_TYPES and kind not in self.types:
+            raise ValueError(f"Schema: unknown type {kind!r} at {where}")
+        if kind == "list" and "items" in spec:
+            items = spec["items"]
+            item_spec = items if isinstance(items, Mapping) else {"type": items}
+            self._check_spec(item_spec, f"{where}[]")
+        for key, sub in (spec.get("properties") or {}).items():
+            self._check_spec(sub, f"{where}.{key}")
+
+    # Validation
+
+    def validate(self, method: str, params: Any) -> tuple[str, dict[str, Any]]:
+        """Return (target verb name, handler kwargs) or raise InvalidParams."""
+        verb = self.verbs.get(method)
+        if verb is None:
+            raise errors.MethodNotFound(method=method)
+        if params is None:
+            params = {}
+        if isinstance(params, list):
+            if params:
+                raise errors.InvalidParams("params must be passed by name (a JSON object)")
+            params = {}
+        if not isinstance(params, Mapping):
+            raise errors.InvalidParams("params must be a JSON object")
+        known = {p.name for p in verb.params}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise errors.InvalidParams(f"unknown param(s) {', '.join(unknown)} for {method}")
+        values: dict[str, Any] = {}
+        for param in verb.params:
+            if param.name in params:
+                values[param.name] = self.check_value(param.spec, params[param.name], param.name)
+            elif "default" in param.spec:
+                values[param.name] = param.spec["default"]
+            elif param.spec.get("required", True):
+                raise errors.InvalidParams(f"missing param {param.name}")
+        target = verb.name
+        if verb.target is not None:
+            assert verb.param_map is not None
+            values = {verb.param_map[k]: v for k, v in values.items()}
+            target = verb.target
+            # Defaults of the target's params that the alias does not carry.
+            for param in self.verbs[target].params:
+                if param.name not in values and "default" in param.spec:
+                    values[param.name] = param.spec["default"]
+        return target, {snake_case(k): v for k, v in values.items()}
+
+    def check_value(self, spec: Mapping[str, Any], value: Any, where: str) -> Any:
+        kind = spec["type"]
+        if kind in self.types:
+            merged = dict(self.types[kind])
+            merged.update({k: v for k, v in spec.items() if k != "type"})
+            merged["type"] = self.types[kind]["type"]
+            return self.check_value(merged, value, where)
+        checker = getattr(self, f"_check_{kind}")
+        return checker(spec, value, where)
+
+    def _check_any(self, spec: Mapping[str, Any], value: Any, where: str) -> Any:
+        return value
+
+    def _check_uuid(self, spec: Mapping[str, Any], value: Any, where: str) -> str:
+        if not isinstance(value, str) or not _UUID_RE.match(value):
+            raise errors.InvalidParams(f"{where}: not a UUID: {_short(value)}")
+        return str(uuid.UUID(value))
+
+    def _check_string(self, spec: Mapping[str, Any], value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            raise errors.InvalidParams(f"{where}: expected a string, got {_json_type(value)}")
+        if "\x00" in value:
+            raise errors.InvalidParams(f"{where}: NUL character in string")
+        if len(value) > spec.get("max_length", 4096):
+            raise errors.InvalidParams(f"{where}: string too long")
+        return value
+
+    def _check_bool(self, spec: Mapping[str, Any], value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise errors.InvalidParams(f"{where}: expected a boolean, got {_json_type(value)}")
+        return value
+
+    def _check_int(self, spec: Mapping[str, Any], value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise errors.InvalidParams(f"{where}: expected an integer, got {_json_type(value)}")
+        return self._check_range(spec, value, where)
+
+    def _check_number(self, spec: Mapping[str, Any], value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise errors.InvalidParams(f"{where}: expected a number, got {_json_type(value)}")
+        return self._check_range(spec, value, where)
+
+    def _check_size(self, spec: Mapping[str, Any], value: Any, where: str) -> int:
+        # VDSM's engine sends sizes as strings of digits.
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise errors.InvalidParams(f"{where}: expected a size in bytes, got {_short(value)}")
+        if value < 0:
+            raise errors.InvalidParams(f"{where}: negative size {value}")
+        return self._check_range(spec, value, where)
+
+    def _check_range(self, spec: Mapping[str, Any], value: Any, where: str) -> Any:
+        low, high = spec.get("min"), spec.get("max")
+        if low is not None and value < low:
+            raise errors.InvalidParams(f"{where}: {value} is below the minimum {low}")
+        if high is not None and value > high:
+            raise errors.InvalidParams(f"{where}: {value} is above the maximum {high}")
+        return value
+
+    def _check_enum(self, spec: Mapping[str, Any], value: Any, where: str) -> str:
+        allowed = [str(v) for v in spec["values"]]
+        if not isinstance(value, str) or value not in allowed:
+            raise errors.InvalidParams(
+                f"{where}: {_short(value)} is not one of {', '.join(allowed)}"
+            )
+        return value
+
+    def _check_list(self, spec: Mapping[str, Any], value: Any, where: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise errors.InvalidParams(f"{where}: expected a list, got {_json_type(value)}")
+        if len(value) > spec.get("max_items", 1024):
+            raise errors.InvalidParams(f"{where}: too many items")
+        items = spec.get("items", "any")
+        item_spec = items if isinstance(items, Mapping) else {"type": items}
+        return [self.check_value(item_spec, v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+    def _check_dict(self, spec: Mapping[str, Any], value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise errors.InvalidParams(f"{where}: expected an object, got {_json_type(value)}")
+        props = spec.get("properties")
+        if props is None:
+            return dict(value)
+        result: dict[str, Any] = {}
+        unknown = sorted(set(value) - set(props))
+        if unknown and not spec.get("additional", False):
+            raise errors.InvalidParams(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+        for key, sub in props.items():
+            if key in value:
+                result[key] = self.check_value(sub, value[key], f"{where}.{key}")
+            elif "default" in sub:
+                result[key] = sub["default"]
+            elif sub.get("required", True):
+                raise errors.InvalidParams(f"{where}: missing key {key}")
+        return result
+
+    # Errors
+
+    def code_of(self, name: str) -> int | None:
+        return self.errors.get(name)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys (YAML would keep the last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ValueError(f"Schema: duplicate key {key!r} at line {line}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,239 @@
+"""The schema: validation of params, aliases, and the error table."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+import yaml
+
+from rpc import errors, schema
+from vdsm_lsm import app
+
+UUID = "4c3a1f0e-3b9a-4d0f-9e59-5c4b7a6e8d21"
+UUID2 = "e0f6a4a2-8a1d-4a55-b1cf-6a0c49c9b8b7"
+
+
+@pytest.fixture(scope="module")
+def api() -> schema.Schema:
+    return app.load_schema()
+
+
+# Every verb of DESIGN.md section 4, and the seed's aliases.
+DESIGN_VERBS = """
+Host.ping2 Host.getCapabilities Host.getDeviceList Host.getVMList Host.getAllTasksStatuses
+Host.getAllTasksInfo StorageDomain.create StorageDomain.getInfo StorageDomain.getStats
+StorageDomain.getImages StorageDomain.getVolumes StorageDomain.format StoragePool.create
+StoragePool.connect StoragePool.disconnect StoragePool.spmStart StoragePool.spmStop
+StoragePool.getSpmStatus StoragePool.getInfo StoragePool.attachStorageDomain
+StoragePool.detachStorageDomain StoragePool.destroy Volume.create Volume.getInfo Volume.delete
+Image.prepare Image.teardown Image.cloneStructure Image.syncData Image.delete Task.getStatus
+Task.getInfo Task.clear Task.stop VM.create VM.destroy VM.cont VM.getStats VM.snapshot
+VM.diskReplicateStart VM.diskReplicateFinish
+cloneImageStructure syncImageData diskReplicateStart diskReplicateFinish
+""".split()
+
+
+def test_schema_has_every_design_verb(api):
+    assert sorted(api.verbs) == sorted(DESIGN_VERBS)
+
+
+def test_error_codes_are_unique(api):
+    codes = list(api.errors.values())
+    duplicates = {c for c in codes if codes.count(c) > 1}
+    assert not duplicates
+
+
+def test_vdsm_error_numbers(api):
+    expected = {
+        "noVM": 1, "exist": 4, "imageErr": 13, "unavail": 40, "changeDisk": 41, "noimpl": 44,
+        "replicaErr": 55, "ReplicationNotInProgress": 88, "RecoveryInProgress": 99,
+        "GeneralException": 100, "VolumeDoesNotExist": 201, "VolumeAlreadyExists": 205,
+        "StoragePoolUnknown": 309, "StorageDomainDoesNotExist": 358, "UnknownTask": 401,
+        "TaskNotFinished": 403, "SpmStatusError": 654,
+        "ParseError": -32700, "InvalidRequest": -32600, "MethodNotFound": -32601,
+        "InvalidParams": -32602,
+    }
+    for name, code in expected.items():
+        assert api.errors[name] == code, name
+
+
+def test_own_codes_never_general(api):
+    own = [n for n, c in api.errors.items() if c >= 2000]
+    assert own and api.errors["GeneralException"] == 100
+
+
+def test_duplicate_key_in_schema_refused(tmp_path):
+    path = tmp_path / "api.yml"
+    path.write_text("errors:\n  a: {code: 1}\n  a: {code: 2}\n")
+    with pytest.raises(ValueError, match="duplicate key"):
+        schema.Schema.load(str(path))
+
+
+def test_unknown_type_in_schema_refused():
+    with pytest.raises(ValueError, match="unknown type"):
+        schema.Schema({"verbs": {"A.b": {"params": {"x": {"type": "nope"}}}}})
+
+
+def _error_classes() -> list[type]:
+    for package in ("rpc", "storage", "virt", "vdsm_lsm"):
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{package}.{info.name}")
+    seen, todo = [], [errors.Error]
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return seen
+
+
+def test_every_error_class_has_a_code(api):
+    missing = [
+        f"{c.__module__}.{c.__name__} ({c.name})"
+        for c in _error_classes()
+        if c.__module__.split(".")[0] != "tests" and c.name not in api.errors
+    ]
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"storagedomainID": "not-a-uuid"}, "not a UUID"),
+        ({"storagedomainID": "../../etc/passwd"}, "not a UUID"),
+        ({"storagedomainID": "4c3a1f0e-3b9a-4d0f-9e59-5c4b7a6e8d21/../x"}, "not a UUID"),
+        ({"storagedomainID": 12}, "not a UUID"),
+        ({}, "missing param storagedomainID"),
+        ({"storagedomainID": UUID, "extra": 1}, "unknown param"),
+    ],
+)
+def test_invalid_params(api, params, fragment):
+    with pytest.raises(errors.InvalidParams, match=fragment):
+        api.validate("StorageDomain.getInfo", params)
+
+
+def test_uuid_answered_lowercase(api):
+    _, kwargs = api.validate("StorageDomain.getInfo", {"storagedomainID": UUID.upper()})
+    assert kwargs == {"storagedomain_id": UUID}
+
+
+def _volume_create(**over):
+    params = {
+        "storagepoolID": UUID, "storagedomainID": UUID, "imageID": UUID, "volumeID": UUID2,
+        "size": 1 << 30, "volFormat": "COW", "preallocate": "SPARSE",
+    }
+    params.update(over)
+    return params
+
+
+def test_defaults_and_snake_case(api):
+    target, kwargs = api.validate("Volume.create", _volume_create())
+    assert target == "Volume.create"
+    assert kwargs["src_vol_uuid"] == schema.BLANK_UUID
+    assert kwargs["desc"] == ""
+    assert "initial_size" not in kwargs
+    assert kwargs["vol_format"] == "COW"
+
+
+def test_size_accepts_digit_strings(api):
+    _, kwargs = api.validate("Volume.create", _volume_create(size="1073741824"))
+    assert kwargs["size"] == 1073741824
+
+
+@pytest.mark.parametrize(
+    "size, fragment",
+    [(-1, "negative"), ("-5", "expected a size"), ("1e9", "expected a size"), (True, "size"),
+     (0, "below the minimum"), (1 << 60, "above the maximum"), (1.5, "expected a size")],
+)
+def test_bad_sizes(api, size, fragment):
+    with pytest.raises(errors.InvalidParams, match=fragment):
+        api.validate("Volume.create", _volume_create(size=size))
+
+
+def test_unknown_enum(api):
+    with pytest.raises(errors.InvalidParams, match="not one of COW, RAW"):
+        api.validate("Volume.create", _volume_create(volFormat="QCOW"))
+
+
+def test_wrong_types(api):
+    with pytest.raises(errors.InvalidParams, match="expected an integer"):
+        api.validate("StoragePool.connect", {"storagepoolID": UUID, "hostID": "1",
+                                             "masterSdUUID": UUID})
+    with pytest.raises(errors.InvalidParams, match="expected a list"):
+        api.validate("StoragePool.create", {"storagepoolID": UUID, "name": "p",
+                                            "masterSdUUID": UUID, "domainList": UUID})
+    with pytest.raises(errors.InvalidParams, match=r"domainList\[1\]: not a UUID"):
+        api.validate("StoragePool.create", {"storagepoolID": UUID, "name": "p",
+                                            "masterSdUUID": UUID, "domainList": [UUID, "x"]})
+
+
+def test_nested_types_checked(api):
+    drive = {"poolID": UUID, "domainID": UUID, "imageID": UUID, "volumeID": "bad"}
+    with pytest.raises(errors.InvalidParams, match=r"srcDisk.volumeID: not a UUID"):
+        api.validate("VM.diskReplicateStart", {"vmID": UUID, "srcDisk": drive, "dstDisk": drive})
+    drive["volumeID"] = UUID
+    drive["evil"] = 1
+    with pytest.raises(errors.InvalidParams, match="unknown key"):
+        api.validate("VM.diskReplicateStart", {"vmID": UUID, "srcDisk": drive, "dstDisk": drive})
+
+
+def test_vm_params_nested_drives(api):
+    params = {
+        "vmID": UUID,
+        "vmParams": {
+            "vmName": "t", "memSize": 128, "kernel": "/k",
+            "drives": [{"poolID": UUID, "domainID": UUID, "imageID": UUID, "volumeID": UUID,
+                        "format": "cow"}],
+        },
+    }
+    _, kwargs = api.validate("VM.create", params)
+    drive = kwargs["vm_params"]["drives"][0]
+    assert drive["iface"] == "virtio" and drive["propagateErrors"] == "off"
+    params["vmParams"]["accel"] = "xen"
+    with pytest.raises(errors.InvalidParams, match="accel"):
+        api.validate("VM.create", params)
+
+
+def test_alias_maps_params(api):
+    target, kwargs = api.validate(
+        "cloneImageStructure",
+        {"spUUID": UUID, "sdUUID": UUID, "imgUUID": UUID2, "dstSdUUID": UUID2},
+    )
+    assert target == "Image.cloneStructure"
+    assert kwargs == {"storagepool_id": UUID, "storagedomain_id": UUID, "image_id": UUID2,
+                      "dst_sd_uuid": UUID2}
+
+
+def test_alias_fills_target_defaults(api):
+    drive = {"poolID": UUID, "domainID": UUID, "imageID": UUID, "volumeID": UUID}
+    target, kwargs = api.validate(
+        "diskReplicateStart", {"vmId": UUID, "srcDisk": drive, "dstDisk": drive}
+    )
+    assert target == "VM.diskReplicateStart"
+    assert kwargs["need_extend"] is True and kwargs["bandwidth"] == 0
+
+
+def test_positional_params_refused(api):
+    with pytest.raises(errors.InvalidParams, match="by name"):
+        api.validate("StorageDomain.getInfo", [UUID])
+    assert api.validate("Host.ping2", []) == ("Host.ping2", {})
+
+
+def test_unknown_method(api):
+    with pytest.raises(errors.MethodNotFound):
+        api.validate("Host.nope", {})
+
+
+def test_handler_names():
+    assert schema.handler_name("Volume.create") == "volume_create"
+    assert schema.handler_name("StoragePool.spmStart") == "storage_pool_spm_start"
+    assert schema.handler_name("Host.getVMList") == "host_get_vmlist"
+    assert schema.snake_case("dstSdUUID") == "dst_sd_uuid"
+
+
+def test_schema_file_is_plain_yaml():
+    with open(app.SCHEMA_PATH) as f:
+        doc = yaml.safe_load(f)
+    assert set(doc) >= {"verbs", "errors", "types"}

@@ -1,0 +1,40 @@
+"""Host verbs against the real libvirtd, qemu-img, lvm2 and udev data."""
+
+from __future__ import annotations
+
+import os
+
+from vdsm_lsm import app
+
+
+def test_capabilities_report_real_versions(daemon):
+    caps = daemon.unix().call("Host.getCapabilities")
+    conn_version = os.popen("virsh -c qemu:///system version").read()
+    assert caps["libvirtVersion"] in conn_version
+    assert caps["qemuVersion"] in conn_version
+    assert caps["qemuImgVersion"] in os.popen("qemu-img --version").read()
+    assert caps["lvmVersion"] in os.popen("lvm version").read()
+    assert caps["activation"] == app.effective_activation("auto")
+    assert caps["clusterLock"] in ("sanlock", "local")
+    assert "disk_replicate" in caps["features"]
+
+
+def test_activation_mode_from_config(daemon_factory):
+    d = daemon_factory({"lvm": {"activation": "loop"}, "sanlock": {"cluster_lock": "local"}})
+    caps = d.unix().call("Host.getCapabilities")
+    assert caps["activation"] == "loop" and caps["clusterLock"] == "local"
+
+
+def test_device_list_has_real_devices(daemon):
+    devices = daemon.unix().call("Host.getDeviceList")
+    assert devices
+    for dev in devices:
+        assert dev["path"].startswith("/dev/")
+        assert dev["size"] > 0
+        assert set(dev) == {"path", "size", "serial", "usedBy"}
+
+
+def test_device_mapper_detection_reads_the_kernel():
+    with open("/proc/misc") as f:
+        has_dm = "device-mapper" in f.read()
+    assert app.has_device_mapper() == has_dm

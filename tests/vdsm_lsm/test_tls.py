@@ -1,0 +1,94 @@
+"""Mutual TLS on the TCP listener, with certificates made by the fixture."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+
+import pytest
+
+from vdsm_lsm import client
+
+
+def _openssl(*args: str, cwd: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _issue(cwd: str, name: str, ca: str, cn: str) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+             f"{name}.csr", "-subj", f"/CN={cn}", cwd=cwd)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("pki"))
+    for ca in ("ca", "rogue"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
+                 "-out", f"{ca}.crt", "-days", "2", "-subj", f"/CN={ca}", cwd=d)
+    _issue(d, "server", "ca", "localhost")
+    _issue(d, "client", "ca", "engine")
+    _issue(d, "intruder", "rogue", "engine")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tls_daemon(tmp_path_factory, pki):
+    from tests import daemon as daemon_mod
+
+    d = daemon_mod.Daemon(
+        str(tmp_path_factory.mktemp("tlsd")),
+        {"tls": {"enabled": True, "key": f"{pki}/server.key", "cert": f"{pki}/server.crt",
+                 "ca": f"{pki}/ca.crt"}},
+    )
+    d.start()
+    yield d
+    d.stop()
+
+
+def test_client_with_certificate_signed_by_ca_works(tls_daemon, pki):
+    rpc = tls_daemon.tcp(tls_key=f"{pki}/client.key", tls_cert=f"{pki}/client.crt",
+                         tls_ca=f"{pki}/ca.crt")
+    assert rpc.call("Host.ping2") is True
+
+
+def test_client_without_certificate_refused(tls_daemon, pki):
+    rpc = tls_daemon.tcp(tls_ca=f"{pki}/ca.crt")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        rpc.call("Host.ping2")
+    assert "TLS handshake failed" in tls_daemon.log()
+
+
+def test_client_with_foreign_certificate_refused(tls_daemon, pki):
+    rpc = tls_daemon.tcp(tls_key=f"{pki}/intruder.key", tls_cert=f"{pki}/intruder.crt",
+                         tls_ca=f"{pki}/ca.crt")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        rpc.call("Host.ping2")
+
+
+def test_plain_http_refused_on_tls_port(tls_daemon):
+    rpc = client.Client(host="127.0.0.1", port=tls_daemon.port, timeout=30)
+    with pytest.raises((ConnectionError, OSError, ValueError)):
+        rpc.call("Host.ping2")
+
+
+def test_unix_socket_still_plain(tls_daemon):
+    assert tls_daemon.unix().call("Host.ping2") is True
+
+
+def test_non_loopback_with_tls_allowed(daemon_factory, pki):
+    d = daemon_factory(
+        {"addresses": {"management_ip": "0.0.0.0"},
+         "tls": {"enabled": True, "key": f"{pki}/server.key", "cert": f"{pki}/server.crt",
+                 "ca": f"{pki}/ca.crt"}},
+    )
+    rpc = d.tcp(tls_key=f"{pki}/client.key", tls_cert=f"{pki}/client.crt",
+                tls_ca=f"{pki}/ca.crt")
+    assert rpc.call("Host.ping2") is True
+
+
+def test_tls_enabled_with_missing_files_refused(daemon_factory, tmp_path):
+    d = daemon_factory({"tls": {"enabled": True, "key": str(tmp_path / "nokey")}}, start=False)
+    proc = subprocess.run(d.command(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no such file" in proc.stderr
