@@ -1,0 +1,271 @@
+"""The VM verbs: VM.create, destroy, cont, getStats, snapshot, and Host.getVMList.
+
+:class:`API` is the provider object the daemon wires into dispatch: verb
+``VM.getStats`` is served by :meth:`API.vm_get_stats` with snake-cased
+keyword params (DESIGN section 4). It owns the libvirt connection, the event
+dispatcher and the registry of VMs::
+
+    api = virt.api.API(storage, virt.api.Config(accel="tcg"))
+    api.start()     # connect to libvirt, recover running VMs
+    ...
+    api.stop()      # close the connection; VMs keep running
+
+``storage`` is anything with ``prepare`` / ``teardown`` (virt/storage_iface.py).
+Verbs raise coded errors (virt/errors.py, or storage's own); during recovery
+every verb answers RecoveryInProgress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+import libvirt
+
+from rpc import errors as rpc_errors
+from virt import (
+    connection,
+    domxml,
+    errors,
+    events,
+    metadata,
+    recovery,
+    snapshot,
+    storage_iface,
+    vmparams,
+)
+from virt import drive as drive_mod
+from virt import vm as vm_mod
+
+log = logging.getLogger("virt.api")
+
+
+@dataclasses.dataclass
+class Config:
+    libvirt_uri: str = "qemu:///system"
+    # Default of vmParams.accel ([vm] accel): "kvm", or "tcg" where KVM cannot
+    # run the guest.
+    accel: str = "kvm"
+
+
+class API:
+    def __init__(self, storage: storage_iface.Storage, config: Config) -> None:
+        self._storage = storage
+        self._config = config
+        self._lock = threading.Lock()
+        self._vms: dict[str, vm_mod.VM] = {}
+        # VMs being created: reserved ids (None until the VM object exists);
+        # events reach them, the verbs do not see them.
+        self._creating: dict[str, vm_mod.VM | None] = {}
+        self._recovering = False
+        self.events = events.Dispatcher(self._event_target)
+        self.connection = connection.Connection(
+            config.libvirt_uri, dispatch=self.events, on_reconnect=self._resync
+        )
+
+    # Life cycle
+
+    def start(self) -> None:
+        """Connect to libvirt and recover the running VMs that are ours."""
+        self._recovering = True
+        try:
+            self.connection.open()
+            for vm in recovery.recover(self.connection, self._storage):
+                with self._lock:
+                    self._vms[vm.id] = vm
+        finally:
+            self._recovering = False
+
+    def stop(self) -> None:
+        """Close the connection; running VMs keep running (recovered at next start)."""
+        self.connection.close()
+
+    def get_vm(self, vm_id: str) -> vm_mod.VM:
+        self._check_ready()
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        if vm is None:
+            raise errors.NoVMError(vm_id=vm_id)
+        return vm
+
+    def vms(self) -> list[vm_mod.VM]:
+        with self._lock:
+            return list(self._vms.values())
+
+    # Verbs
+
+    def vm_create(self, vm_id: str, vm_params: dict[str, Any]) -> dict[str, Any]:
+        self._check_ready()
+        params = vmparams.parse(vm_id, vm_params, self._config.accel)
+        with self._lock:
+            if vm_id in self._vms or vm_id in self._creating:
+                raise errors.VMExistsError(vm_id=vm_id)
+            self._creating[vm_id] = None
+        try:
+            if self._domain_exists(vm_id):
+                raise errors.VMExistsError("a libvirt domain has this UUID", vm_id=vm_id)
+            vm = self._create(vm_id, params)
+            with self._lock:
+                self._vms[vm_id] = vm
+        finally:
+            with self._lock:
+                self._creating.pop(vm_id, None)
+        try:
+            vm.refresh_state()
+        except (libvirt.libvirtError, errors.Error) as e:
+            log.warning("Cannot read state of new vm=%s: %s", vm_id, e)
+        log.info("Created vm=%s name=%s status=%s", vm_id, vm.name, vm.status)
+        return {"vmId": vm_id, "status": vm.status}
+
+    def vm_destroy(self, vm_id: str) -> bool:
+        vm = self.get_vm(vm_id)
+        with vm.lock:
+            vm.destroy_domain()
+            for d in vm.drives:
+                self._teardown_drive(vm.id, d)
+        with self._lock:
+            self._vms.pop(vm_id, None)
+        log.info("Destroyed vm=%s", vm_id)
+        return True
+
+    def vm_cont(self, vm_id: str) -> bool:
+        self.get_vm(vm_id).cont()
+        return True
+
+    def vm_get_stats(self, vm_id: str) -> dict[str, Any]:
+        return self.get_vm(vm_id).stats()
+
+    def vm_snapshot(self, vm_id: str, snap_drives: list[dict[str, Any]]) -> bool:
+        snapshot.snapshot(self.get_vm(vm_id), self._storage, snap_drives)
+        return True
+
+    def host_get_vm_list(self) -> list[dict[str, str]]:
+        self._check_ready()
+        return [{"vmId": vm.id, "status": vm.status} for vm in self.vms()]
+
+    # Creating
+
+    def _create(self, vm_id: str, params: vmparams.VMParams) -> vm_mod.VM:
+        drives: list[drive_mod.Drive] = []
+        try:
+            for i, spec in enumerate(params.drives):
+                drives.append(self._prepare_drive(vm_id, i, spec))
+            vm = vm_mod.VM(vm_id, params.name, drives, self.connection)
+            with self._lock:
+                self._creating[vm_id] = vm
+            spec = domxml.DomainSpec(
+                vm_id=vm_id,
+                name=params.name,
+                memory_mib=params.memory_mib,
+                vcpus=params.vcpus,
+                domain_type=domxml.DOMAIN_TYPES[params.accel],
+                kernel=params.kernel,
+                initrd=params.initrd,
+                cmdline=params.cmdline,
+                serial_log=params.serial_log,
+            )
+            xml = domxml.build(spec, drives, metadata.to_element(drives))
+            log.info("Creating vm=%s name=%s accel=%s", vm_id, params.name, params.accel)
+            log.debug("Domain vm=%s xml=%s", vm_id, xml)
+            try:
+                self.connection.call(lambda c: c.createXML(xml, 0), retry=False)
+            except libvirt.libvirtError as e:
+                raise errors.CreateError(str(e), vm_id=vm_id) from e
+        except BaseException:
+            self._destroy_leftover(vm_id)
+            for d in reversed(drives):
+                self._teardown_drive(vm_id, d)
+            raise
+        return vm
+
+    def _prepare_drive(self, vm_id: str, index: int, spec: vmparams.DriveSpec) -> drive_mod.Drive:
+        ids = (spec.pool_id, spec.domain_id, spec.image_id, spec.volume_id)
+        try:
+            result = self._storage.prepare(*ids)
+        except rpc_errors.Error:
+            raise
+        except Exception as e:
+            raise errors.ImageError(
+                str(e), sd_id=spec.domain_id, img_id=spec.image_id, vol_id=spec.volume_id
+            ) from e
+        try:
+            chain = drive_mod.chain_from_prepare(result)
+            leaf = chain[-1]
+            if leaf.volume_id != spec.volume_id:
+                raise errors.ImageError(
+                    f"prepare returned chain ending in {leaf.volume_id}",
+                    sd_id=spec.domain_id,
+                    img_id=spec.image_id,
+                    vol_id=spec.volume_id,
+                )
+            if leaf.format.lower() != spec.format:
+                raise errors.InvalidVMParamsError(
+                    f"drives[{index}].format is {spec.format} but the volume is {leaf.format}",
+                    vm_id=vm_id,
+                )
+        except BaseException:
+            try:
+                self._storage.teardown(*ids)
+            except Exception:
+                log.exception("Teardown failed vm=%s volume=%s", vm_id, spec.volume_id)
+            raise
+        return drive_mod.Drive(
+            name=drive_mod.target_name(index),
+            pool_id=spec.pool_id,
+            domain_id=spec.domain_id,
+            image_id=spec.image_id,
+            volume_id=spec.volume_id,
+            format=spec.format,
+            chain=chain,
+            disk_type=drive_mod.disk_type(leaf.path),
+            iface=spec.iface,
+            propagate_errors=spec.propagate_errors,
+            prepared=[spec.volume_id],
+        )
+
+    def _teardown_drive(self, vm_id: str, d: drive_mod.Drive) -> None:
+        for vol_id in reversed(d.prepared):
+            try:
+                self._storage.teardown(d.pool_id, d.domain_id, d.image_id, vol_id)
+            except Exception:
+                log.exception("Teardown failed vm=%s drive=%s volume=%s", vm_id, d.name, vol_id)
+        d.prepared = []
+
+    def _domain_exists(self, vm_id: str) -> bool:
+        try:
+            self.connection.lookup(vm_id)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise
+        return True
+
+    def _destroy_leftover(self, vm_id: str) -> None:
+        """Destroy a domain a failed create may have started (its UUID was free)."""
+        try:
+            self.connection.call(lambda c: c.lookupByUUIDString(vm_id).destroy())
+        except (libvirt.libvirtError, errors.Error):
+            return
+        log.warning("Destroyed domain of failed create vm=%s", vm_id)
+
+    # Events and reconnects
+
+    def _event_target(self, vm_id: str) -> vm_mod.VM | None:
+        with self._lock:
+            return self._vms.get(vm_id) or self._creating.get(vm_id)
+
+    def _resync(self) -> None:
+        """After a reconnect: events may have been missed, read states again."""
+        for vm in self.vms():
+            if vm.status == vm_mod.DOWN:
+                continue
+            try:
+                vm.refresh_state()
+            except Exception:
+                log.exception("Cannot refresh state after reconnect vm=%s", vm.id)
+
+    def _check_ready(self) -> None:
+        if self._recovering:
+            raise errors.RecoveryInProgressError()

@@ -1,0 +1,186 @@
+"""A VM's disk: which volume it runs on, the chain below it, sizes, a replica slot.
+
+A :class:`Drive` names its image the way the engine does (pool, domain,
+image, leaf volume) and keeps the chain that storage prepared for it, base
+first, each link a path QEMU opens (the prepare links
+``<run_dir>/storage/<sdUUID>/<imgUUID>/<volUUID>``). ``format`` follows the
+drive spec convention ("cow" / "raw"); chain entries keep storage's ("COW" /
+"RAW").
+
+``replica`` is empty until a replication (``VM.diskReplicateStart``) fills
+it with the destination volume and the mirror's state; BLOCK_JOB_2 events for
+the drive move that state (``ready`` when the mirror converged, ``failed``).
+Callers that wait for a block job use :meth:`Drive.wait_job`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import string
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+
+COW = "cow"
+RAW = "raw"
+FORMATS = (COW, RAW)
+
+FILE = "file"
+BLOCK = "block"
+
+COPYING = "copying"
+READY = "ready"
+FAILED = "failed"
+REPLICA_STATES = (COPYING, READY, FAILED)
+
+
+@dataclasses.dataclass
+class Volume:
+    """One link of a chain, as storage's prepare returns it."""
+
+    volume_id: str
+    path: str
+    format: str  # "COW" | "RAW"
+
+    @property
+    def qemu_format(self) -> str:
+        return qemu_format(self.format)
+
+
+@dataclasses.dataclass
+class Replica:
+    """The destination of a replication (filled by the replication issue)."""
+
+    pool_id: str
+    domain_id: str
+    image_id: str
+    volume_id: str
+    chain: list[Volume] = dataclasses.field(default_factory=list)
+    disk_type: str = FILE
+    format: str = COW
+    state: str = COPYING
+    bandwidth: int = 0  # MiB/s, 0 = unlimited
+    sync_writes: bool = False
+
+    @property
+    def path(self) -> str:
+        return self.chain[-1].path if self.chain else ""
+
+    def spec(self) -> dict[str, str]:
+        return {
+            "poolID": self.pool_id,
+            "domainID": self.domain_id,
+            "imageID": self.image_id,
+            "volumeID": self.volume_id,
+        }
+
+
+@dataclasses.dataclass
+class Drive:
+    name: str  # target device: vda, vdb, ...
+    pool_id: str
+    domain_id: str
+    image_id: str
+    volume_id: str  # the leaf the VM writes to
+    format: str  # "cow" | "raw"
+    chain: list[Volume]  # base first, leaf last
+    disk_type: str = FILE  # "file" | "block": how the leaf is reached
+    iface: str = "virtio"
+    propagate_errors: str = "off"
+    threshold: int = 0  # block threshold set on the leaf, 0 = none
+    capacity: int = 0
+    apparentsize: int = 0
+    truesize: int = 0
+    replica: Replica | None = None
+    # Volumes whose prepare reference this drive holds (torn down at destroy).
+    prepared: list[str] = dataclasses.field(default_factory=list)
+    _job_cond: threading.Condition = dataclasses.field(
+        default_factory=threading.Condition, repr=False, compare=False
+    )
+    # Last BLOCK_JOB_2 event: (job type, status), None if none seen.
+    last_job_event: tuple[int, int] | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def path(self) -> str:
+        return self.chain[-1].path
+
+    @property
+    def alias(self) -> str:
+        """User alias of the disk device; IO error events name the disk by it."""
+        return "ua-" + self.name
+
+    def volume_chain(self) -> list[dict[str, str]]:
+        return [{"volumeID": v.volume_id, "path": v.path} for v in self.chain]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "imageID": self.image_id,
+            "domainID": self.domain_id,
+            "poolID": self.pool_id,
+            "volumeID": self.volume_id,
+            "volumeChain": self.volume_chain(),
+            "format": self.format,
+            "capacity": self.capacity,
+            "apparentsize": self.apparentsize,
+            "truesize": self.truesize,
+            "threshold": self.threshold,
+        }
+
+    def update_sizes(self, capacity: int, allocation: int, physical: int) -> None:
+        """Sizes from virDomainBlockInfo: virtual size, allocation, physical size."""
+        self.capacity = capacity
+        self.truesize = allocation
+        self.apparentsize = physical
+
+    def on_block_job(self, job_type: int, status: int) -> None:
+        """A BLOCK_JOB_2 event for this drive (event loop thread)."""
+        with self._job_cond:
+            self.last_job_event = (job_type, status)
+            if self.replica is not None:
+                if status == libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
+                    self.replica.state = READY
+                elif status == libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED:
+                    self.replica.state = FAILED
+            self._job_cond.notify_all()
+
+    def wait_job(self, predicate: Callable[[tuple[int, int] | None], bool], timeout: float) -> bool:
+        """Wait until predicate(last_job_event) holds; False on timeout."""
+        with self._job_cond:
+            return self._job_cond.wait_for(lambda: predicate(self.last_job_event), timeout)
+
+
+def target_name(index: int) -> str:
+    """Virtio disk target for the index-th drive: vda ... vdz, vdaa ..."""
+    letters = string.ascii_lowercase
+    suffix = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        suffix = letters[rem] + suffix
+    return "vd" + suffix
+
+
+def qemu_format(fmt: str) -> str:
+    """qcow2 / raw from a drive spec ("cow") or storage ("COW") format."""
+    return "qcow2" if fmt.lower() == COW else "raw"
+
+
+def disk_type(path: str) -> str:
+    """ "block" if path (after links) is a block device, else "file"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return FILE
+    return BLOCK if stat.S_ISBLK(mode) else FILE
+
+
+def chain_from_prepare(result: dict[str, Any]) -> list[Volume]:
+    """The chain of a prepare result ({path, chain: [{volumeID, path, format}]})."""
+    chain = [Volume(e["volumeID"], e["path"], e["format"]) for e in result["chain"]]
+    if not chain:
+        raise ValueError("prepare returned an empty chain")
+    return chain

@@ -1,0 +1,72 @@
+"""Virt errors. Each names its code in the schema's error table (vdsm_lsm/api.yml).
+
+Exception tree::
+
+    rpc.errors.Error
+     +-- Error                  base of virt errors (never raised itself)
+          +-- NoVMError          noVM 1
+          +-- VMExistsError          exist 4
+          +-- CreateError      createErr 9 (libvirt refused the domain)
+          +-- ImageError        imageErr 13 (a drive's volume cannot be prepared)
+          +-- SnapshotError    snapshotErr 48
+          +-- RecoveryInProgress  RecoveryInProgress 99
+          +-- InvalidVMParamsError   VMParamsInvalid 2300 (semantics; the schema checks types)
+          +-- OperationError   VMOperationFailed 2301 (cont/destroy refused by libvirt)
+          +-- LibvirtUnavailableError  LibvirtConnectionError 2302
+
+Errors keep their root cause as ``__cause__`` (``raise ... from e``).
+"""
+
+from __future__ import annotations
+
+from rpc import errors
+
+
+class Error(errors.Error):
+    name = "GeneralException"
+    msg = "Virt error"
+
+
+class NoVMError(Error):
+    name = "noVM"
+    msg = "Virtual machine {vm_id} does not exist"
+
+
+class VMExistsError(Error):
+    name = "exist"
+    msg = "Virtual machine {vm_id} already exists"
+
+
+class CreateError(Error):
+    name = "createErr"
+    msg = "Error creating virtual machine {vm_id}"
+
+
+class ImageError(Error):
+    name = "imageErr"
+    msg = "Drive image of volume {vol_id} in image {img_id} domain {sd_id} could not be prepared"
+
+
+class SnapshotError(Error):
+    name = "snapshotErr"
+    msg = "Snapshot of virtual machine {vm_id} failed"
+
+
+class RecoveryInProgressError(Error):
+    name = "RecoveryInProgress"
+    msg = "Recovery of running virtual machines is in progress"
+
+
+class InvalidVMParamsError(Error):
+    name = "VMParamsInvalid"
+    msg = "Invalid vmParams for virtual machine {vm_id}"
+
+
+class OperationError(Error):
+    name = "VMOperationFailed"
+    msg = "Operation {op} on virtual machine {vm_id} failed"
+
+
+class LibvirtUnavailableError(Error):
+    name = "LibvirtConnectionError"
+    msg = "Cannot connect to libvirt at {uri}"

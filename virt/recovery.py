@@ -1,0 +1,144 @@
+"""Recovery: running domains become VM objects again when the daemon starts.
+
+Only domains carrying our metadata element are ours. For each one the drives
+come from the metadata; the live domain XML is the truth for what QEMU has
+open, so a drive whose metadata lags behind the live leaf (the daemon died
+between a snapshot or a pivot and the metadata write) takes its chain from
+the live XML. Status and pause code come from ``virDomainGetState`` and, for
+a VM paused on an I/O error, ``virDomainGetDiskErrors`` (as VDSM does).
+
+Nothing here changes the guest: no resume, no metadata write. The prepare
+references the VM held are taken again through the storage interface (they
+lived in the old daemon's memory); a volume that cannot be prepared now is
+logged and not torn down later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import libvirt
+
+from virt import connection, domxml, metadata, storage_iface
+from virt import drive as drive_mod
+from virt import vm as vm_mod
+
+log = logging.getLogger("virt.recovery")
+
+
+def recover(conn: connection.Connection, storage: storage_iface.Storage) -> list[vm_mod.VM]:
+    """VM objects for the running domains that carry our metadata."""
+    doms = conn.call(lambda c: c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+    vms = []
+    for dom in doms:
+        try:
+            vm = recover_domain(conn, storage, dom)
+        except Exception:
+            log.exception("Cannot recover domain name=%s", _name(dom))
+            continue
+        if vm is not None:
+            vms.append(vm)
+    log.info("Recovered %d VMs of %d running domains", len(vms), len(doms))
+    return vms
+
+
+def recover_domain(
+    conn: connection.Connection, storage: storage_iface.Storage, dom: libvirt.virDomain
+) -> vm_mod.VM | None:
+    """A VM object for dom, or None if dom is not ours."""
+    try:
+        drives = metadata.read(dom)
+    except ValueError as e:
+        log.error("Domain name=%s has unreadable metadata: %s", _name(dom), e)
+        return None
+    if drives is None:
+        log.debug("Domain name=%s is not ours", _name(dom))
+        return None
+    vm_id = dom.UUIDString()
+    live = domxml.parse_disks(dom.XMLDesc(0))
+    for d in drives:
+        disk = live.get(d.name)
+        if disk is None:
+            log.warning("Drive not in live domain vm=%s drive=%s", vm_id, d.name)
+            continue
+        _reconcile(vm_id, d, disk)
+    vm = vm_mod.VM(vm_id, dom.name(), drives, conn)
+    vm.refresh_state()
+    _retake_references(vm, storage)
+    log.info(
+        "Recovered vm=%s name=%s status=%s pause_code=%s drives=%s",
+        vm.id,
+        vm.name,
+        vm.status,
+        vm.pause_code,
+        [(d.name, d.volume_id) for d in drives],
+    )
+    return vm
+
+
+def _reconcile(vm_id: str, d: drive_mod.Drive, disk: domxml.LiveDisk) -> None:
+    """Make d describe what QEMU has open when the metadata lags behind."""
+    if disk.path == d.path:
+        return
+    paths = [(disk.path, disk.format)] + disk.backing
+    chain = [
+        drive_mod.Volume(os.path.basename(p), p, "COW" if fmt == "qcow2" else "RAW")
+        for p, fmt in reversed(paths)
+    ]
+    log.warning(
+        "Metadata lags behind live domain vm=%s drive=%s metadata_leaf=%s live_leaf=%s",
+        vm_id,
+        d.name,
+        d.path,
+        disk.path,
+    )
+    # Prepare links are <run_dir>/storage/<sdUUID>/<imgUUID>/<volUUID>.
+    leaf_dir = os.path.dirname(disk.path)
+    img_id = os.path.basename(leaf_dir)
+    sd_id = os.path.basename(os.path.dirname(leaf_dir))
+    moved = _is_uuid(img_id) and _is_uuid(sd_id) and (sd_id, img_id) != (d.domain_id, d.image_id)
+    d.chain = chain
+    d.volume_id = chain[-1].volume_id
+    d.disk_type = disk.disk_type
+    if moved:
+        # A pivot to another domain happened: the replica is the drive now.
+        d.domain_id, d.image_id = sd_id, img_id
+        d.replica = None
+        d.prepared = [d.volume_id]
+    elif d.volume_id not in d.prepared:
+        d.prepared.append(d.volume_id)
+
+
+def _retake_references(vm: vm_mod.VM, storage: storage_iface.Storage) -> None:
+    for d in vm.drives:
+        held = []
+        for vol_id in d.prepared:
+            try:
+                storage.prepare(d.pool_id, d.domain_id, d.image_id, vol_id)
+            except Exception as e:
+                log.error(
+                    "Cannot prepare volume of recovered vm=%s drive=%s volume=%s: %s",
+                    vm.id,
+                    d.name,
+                    vol_id,
+                    e,
+                )
+            else:
+                held.append(vol_id)
+        d.prepared = held
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+def _name(dom: libvirt.virDomain) -> str:
+    try:
+        return dom.name()
+    except libvirt.libvirtError:
+        return "?"
