@@ -1,0 +1,322 @@
+"""LV activation: make a logical volume reachable as a block device.
+
+Two modes (DESIGN section 6), chosen by :func:`open`:
+
+``dm``
+    lvm2 itself: ``lvchange -ay`` / ``--refresh`` / ``-an``; the device is
+    ``/dev/<vg>/<lv>``.
+``loop``
+    For hosts without device-mapper.  An LV must be one contiguous range of
+    one PV; it is mapped by a loop device over that range (offset = the PV's
+    pe_start + first_pe * extent_size, size limit = extents * extent_size).
+    After an ``lvextend`` into the following extents, :meth:`refresh` raises
+    the loop device's size limit, which a process holding it open (QEMU)
+    sees at once.
+
+``auto`` picks ``dm`` when device-mapper works (``/dev/mapper/control``
+can be opened: the node may exist without the kernel driver).
+
+Loop mode state: each active LV has a small JSON file
+``<run_dir>/loop/<vg>/<lv>`` naming its loop device, the PV and the offset.
+It is written *before* the device is bound (so a crash cannot leak a device
+we don't know about) and checked against the kernel on every use, so a
+restarted daemon finds its devices again.  Devices are only ever taken over
+from this state, never found by backing alone: another "host" on the same
+kernel (network namespaces in tests) may map the same LV with its own
+device, and deactivating ours must not pull theirs away.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import errno
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from storage import errors, loop, lvm
+
+log = logging.getLogger("storage.activation")
+
+DM_CONTROL = "/dev/mapper/control"
+MODES = ("auto", "dm", "loop")
+
+_lv_locks: collections.defaultdict[tuple[str, str, str], threading.Lock] = collections.defaultdict(
+    threading.Lock
+)
+_lv_locks_guard = threading.Lock()
+
+
+def dm_available() -> bool:
+    """True if the kernel's device-mapper answers (not just a device node)."""
+    try:
+        fd = os.open(DM_CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def open(mode: str, lvm_: lvm.LVM, run_dir: str, direct_io: bool = True) -> Activation:
+    """An Activation for the LVs that lvm_ sees.
+
+    mode is "auto", "dm" or "loop"; run_dir holds loop mode's state.
+    direct_io makes loop devices bypass the page cache (loop mode only).
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown activation mode {mode!r}, expected one of {MODES}")
+    if mode == "auto":
+        mode = "dm" if dm_available() else "loop"
+    if mode == "dm":
+        if not dm_available():
+            raise errors.ActivationModeUnavailable(mode="dm", reason=f"cannot open {DM_CONTROL}")
+        if not lvm_.activation:
+            raise ValueError("dm activation needs an LVM with activation=True")
+        return DMActivation(lvm_)
+    return LoopActivation(lvm_, run_dir, direct_io=direct_io)
+
+
+class Activation:
+    """Interface of both modes."""
+
+    mode = ""
+
+    def activate(self, vg: str, lv: str) -> str:
+        """Make vg/lv reachable; return its device.  Idempotent."""
+        raise NotImplementedError
+
+    def deactivate(self, vg: str, lv: str) -> None:
+        """Release vg/lv's device.  Not an error if it is not active."""
+        raise NotImplementedError
+
+    def refresh(self, vg: str, lv: str) -> int:
+        """Make an active vg/lv's device follow its current metadata (after
+        an lvextend, maybe by another host); return the device's size."""
+        raise NotImplementedError
+
+    def is_active(self, vg: str, lv: str) -> bool:
+        return self.active_path(vg, lv) is not None
+
+    def active_path(self, vg: str, lv: str) -> str | None:
+        """vg/lv's device if it is active on this host, else None."""
+        raise NotImplementedError
+
+    def active_lvs(self, vg: str) -> builtins.list[str]:
+        """Names of vg's LVs active on this host."""
+        raise NotImplementedError
+
+
+class DMActivation(Activation):
+    mode = "dm"
+
+    def __init__(self, lvm_: lvm.LVM) -> None:
+        self.lvm = lvm_
+
+    def activate(self, vg: str, lv: str) -> str:
+        self.lvm.lvchange_activate(vg, lv, True)
+        return _dm_path(vg, lv)
+
+    def deactivate(self, vg: str, lv: str) -> None:
+        if os.path.exists(_dm_path(vg, lv)):
+            self.lvm.lvchange_activate(vg, lv, False)
+
+    def refresh(self, vg: str, lv: str) -> int:
+        self.lvm.lvchange_refresh(vg, lv)
+        return loop.size(_dm_path(vg, lv))
+
+    def active_path(self, vg: str, lv: str) -> str | None:
+        path = _dm_path(vg, lv)
+        return path if os.path.exists(path) else None
+
+    def active_lvs(self, vg: str) -> builtins.list[str]:
+        try:
+            return sorted(os.listdir(os.path.join("/dev", vg)))
+        except FileNotFoundError:
+            return []
+
+
+class LoopActivation(Activation):
+    mode = "loop"
+
+    def __init__(self, lvm_: lvm.LVM, run_dir: str, direct_io: bool = True) -> None:
+        self.lvm = lvm_
+        self.state_dir = os.path.join(run_dir, "loop")
+        self.direct_io = direct_io
+
+    def activate(self, vg: str, lv: str) -> str:
+        with self._lock(vg, lv):
+            dev = self._current(vg, lv)
+            if dev is not None:
+                log.debug("LV already active vg=%s lv=%s dev=%s", vg, lv, dev)
+                return dev
+            pv, offset, sizelimit = self._mapping(vg, lv)
+            state = {"device": None, "backing": pv, "offset": offset}
+
+            def record(candidate: str) -> None:
+                state["device"] = candidate
+                self._write_state(vg, lv, state)
+
+            try:
+                dev = loop.attach(
+                    pv,
+                    offset=offset,
+                    sizelimit=sizelimit,
+                    direct_io=self.direct_io,
+                    on_device=record,
+                )
+            except errors.Error as e:
+                self._remove_state(vg, lv)
+                raise errors.CannotActivateLogicalVolume(vg=vg, lv=lv, reason=str(e)) from e
+            record(dev)
+            log.info(
+                "Activated LV vg=%s lv=%s dev=%s pv=%s offset=%d size=%d",
+                vg,
+                lv,
+                dev,
+                pv,
+                offset,
+                sizelimit,
+            )
+            return dev
+
+    def deactivate(self, vg: str, lv: str) -> None:
+        with self._lock(vg, lv):
+            dev = self._current(vg, lv)
+            if dev is not None:
+                try:
+                    loop.detach(dev)
+                except errors.Error as e:
+                    raise errors.CannotDeactivateLogicalVolume(vg=vg, lv=lv, reason=str(e)) from e
+                st = loop.status(dev)
+                if st is not None and st.autoclear:
+                    log.warning(
+                        "LV device still open, released on last close vg=%s lv=%s dev=%s",
+                        vg,
+                        lv,
+                        dev,
+                    )
+            self._remove_state(vg, lv)
+            log.info("Deactivated LV vg=%s lv=%s dev=%s", vg, lv, dev)
+
+    def refresh(self, vg: str, lv: str) -> int:
+        with self._lock(vg, lv):
+            dev = self._current(vg, lv)
+            if dev is None:
+                raise errors.LogicalVolumeRefreshError(vg=vg, lv=lv, reason="not active")
+            pv, offset, sizelimit = self._mapping(vg, lv)
+            st = loop.status(dev)
+            assert st is not None  # checked by _current
+            if not st.backed_by(pv) or st.offset != offset:
+                # The LV moved: its data is not where our device points.
+                raise errors.LogicalVolumeRefreshError(
+                    vg=vg, lv=lv, reason=f"{dev} maps {st.offset}, LV now starts at {pv}:{offset}"
+                )
+            if st.sizelimit == sizelimit:
+                return loop.size(dev)
+            try:
+                size = loop.set_size_limit(dev, sizelimit)
+            except errors.Error as e:
+                raise errors.LogicalVolumeRefreshError(vg=vg, lv=lv, reason=str(e)) from e
+            log.info("Refreshed LV vg=%s lv=%s dev=%s size=%d", vg, lv, dev, size)
+            return size
+
+    def active_path(self, vg: str, lv: str) -> str | None:
+        with self._lock(vg, lv):
+            return self._current(vg, lv)
+
+    def active_lvs(self, vg: str) -> builtins.list[str]:
+        lv_dir = os.path.join(self.state_dir, vg)
+        try:
+            names = sorted(n for n in os.listdir(lv_dir) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+        return [n for n in names if self.active_path(vg, n) is not None]
+
+    # Helpers
+
+    def _mapping(self, vg: str, lv: str) -> tuple[str, int, int]:
+        """(pv, offset, sizelimit) of vg/lv from the LVM metadata."""
+        info = self.lvm.lv_info(vg, lv)
+        segments = lvm.merged_segments(info.segments)
+        if len(segments) != 1:
+            raise errors.LogicalVolumeNotContiguous(
+                vg=vg, lv=lv, segments=" ".join(str(s) for s in segments)
+            )
+        seg = segments[0]
+        vg_info = self.lvm.vg_info(vg)
+        try:
+            pv = vg_info.pv(seg.pv)
+        except KeyError:
+            raise errors.CannotActivateLogicalVolume(
+                vg=vg, lv=lv, reason=f"PV {seg.pv} is not in the VG report"
+            ) from None
+        offset = pv.pe_start + seg.first_pe * vg_info.extent_size
+        return seg.pv, offset, seg.count * vg_info.extent_size
+
+    def _current(self, vg: str, lv: str) -> str | None:
+        """Our device for vg/lv if the kernel still maps it as recorded;
+        drops stale state."""
+        state = self._read_state(vg, lv)
+        if state is None:
+            return None
+        dev = state.get("device")
+        if dev:
+            st = loop.status(dev)
+            if (
+                st is not None
+                and not st.autoclear
+                and st.backed_by(state["backing"])
+                and st.offset == state["offset"]
+            ):
+                return dev
+        log.info("Dropping stale loop state vg=%s lv=%s state=%s", vg, lv, state)
+        self._remove_state(vg, lv)
+        return None
+
+    def _state_path(self, vg: str, lv: str) -> str:
+        lvm.check_name(vg)
+        lvm.check_name(lv)
+        return os.path.join(self.state_dir, vg, lv)
+
+    def _read_state(self, vg: str, lv: str) -> dict[str, Any] | None:
+        try:
+            with builtins.open(self._state_path(vg, lv)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.warning("Ignoring corrupt loop state vg=%s lv=%s", vg, lv)
+            return {}
+
+    def _write_state(self, vg: str, lv: str, state: dict[str, Any]) -> None:
+        path = self._state_path(vg, lv)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{lv}.tmp")
+        with builtins.open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+
+    def _remove_state(self, vg: str, lv: str) -> None:
+        try:
+            os.unlink(self._state_path(vg, lv))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+    @contextmanager
+    def _lock(self, vg: str, lv: str) -> Iterator[None]:
+        with _lv_locks_guard:
+            lock = _lv_locks[(self.state_dir, vg, lv)]
+        with lock:
+            yield
+
+
+def _dm_path(vg: str, lv: str) -> str:
+    return os.path.join("/dev", vg, lv)
