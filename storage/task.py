@@ -204,8 +204,7 @@ class TaskManager:
             with self._cond:
                 del self._tasks[task_id]
             raise
-        log.info("Submitted task id=%s verb=%s kind=%s", task_id, verb,
-                 getattr(job, "kind", None))
+        log.info("Submitted task id=%s verb=%s kind=%s", task_id, verb, getattr(job, "kind", None))
         self._enqueue(task, "run")
         return task_id
 
@@ -264,7 +263,8 @@ class TaskManager:
         log.info("Stopping task id=%s state=%s", task_id, state)
         self._save(task)
         if state == INIT:
-            self._notify()
+            with self._cond:
+                self._cond.notify_all()
 
     def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the task is finished; its status. TimeoutError if not in time."""
@@ -354,10 +354,6 @@ class TaskManager:
         with self._cond:
             return list(self._tasks.values())
 
-    def _notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
     def _enqueue(self, task: Task, action: str) -> None:
         with self._cond:
             if len(self._threads) < self.workers and not self._closing:
@@ -400,19 +396,19 @@ class TaskManager:
             self._finish(task, SUCCESS, "", "", progress=100)
 
     def _fail(self, task: Task, ctx: Context, error: Exception) -> None:
+        known = isinstance(error, rpc_errors.Error)
+        code = error.name if known else rpc_errors.GeneralException.name
+        message = str(error) or type(error).__name__
         if task.aborted.is_set():
-            code = errors.TaskAborted.name
-            message = str(errors.TaskAborted(task_id=task.id))
+            aborted = errors.TaskAborted(task_id=task.id)
+            code = aborted.name
+            message = str(aborted)
             if not isinstance(error, errors.TaskAborted):
                 message = f"{message}: {error}"
             log.info("Task aborted id=%s verb=%s: %s", task.id, task.verb, error)
-        elif isinstance(error, rpc_errors.Error) and error.expected:
-            code, message = error.name, str(error)
+        elif known and error.expected:
             log.info("Task failed id=%s verb=%s code=%s: %s", task.id, task.verb, code, message)
         else:
-            code = getattr(error, "name", None) if isinstance(error, rpc_errors.Error) else None
-            code = code or rpc_errors.GeneralException.name
-            message = str(error) or type(error).__name__
             log.exception("Task failed unexpectedly id=%s verb=%s", task.id, task.verb)
         with task.lock:
             task.state = CLEANING
@@ -444,7 +440,8 @@ class TaskManager:
             if progress is not None:
                 task.progress = progress
         self._save(task)
-        self._notify()
+        with self._cond:
+            self._cond.notify_all()
 
     def _recover_one(self, task: Task) -> str:
         """Prepare an unfinished loaded task; returns the recovery chosen."""
@@ -470,8 +467,7 @@ class TaskManager:
             self._save(task)
             self._enqueue(task, "run")
             return RERUN
-        log.info("Recovering task id=%s verb=%s state=%s: rollback",
-                 task.id, task.verb, task.state)
+        log.info("Recovering task id=%s verb=%s state=%s: rollback", task.id, task.verb, task.state)
         with task.lock:
             task.state = CLEANING
         self._save(task)
