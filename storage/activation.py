@@ -241,22 +241,14 @@ class LoopActivation(Activation):
 
     def _mapping(self, vg: str, lv: str) -> tuple[str, int, int]:
         """(pv, offset, sizelimit) of vg/lv from the LVM metadata."""
-        info = self.lvm.lv_info(vg, lv)
-        segments = lvm.merged_segments(info.segments)
+        layout = self.lvm.lv_layout(vg, lv)
+        segments = lvm.merged_segments(layout.segments)
         if len(segments) != 1:
             raise errors.LogicalVolumeNotContiguous(
                 vg=vg, lv=lv, segments=" ".join(str(s) for s in segments)
             )
         seg = segments[0]
-        vg_info = self.lvm.vg_info(vg)
-        try:
-            pv = vg_info.pv(seg.pv)
-        except KeyError:
-            raise errors.CannotActivateLogicalVolume(
-                vg=vg, lv=lv, reason=f"PV {seg.pv} is not in the VG report"
-            ) from None
-        offset = pv.pe_start + seg.first_pe * vg_info.extent_size
-        return seg.pv, offset, seg.count * vg_info.extent_size
+        return seg.pv, layout.offset(seg), seg.count * layout.extent_size
 
     def _current(self, vg: str, lv: str) -> str | None:
         """Our device for vg/lv if the kernel still maps it as recorded;

@@ -118,6 +118,21 @@ class LV:
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where an LV's extents are: what mapping it by hand needs."""
+
+    vg_name: str
+    name: str
+    extent_size: int  # bytes
+    segments: tuple[Segment, ...]  # in LV order
+    pe_starts: dict[str, int]  # PV name -> bytes before its first extent
+
+    def offset(self, segment: Segment) -> int:
+        """Byte offset of segment's first extent on its PV."""
+        return self.pe_starts[segment.pv] + segment.first_pe * self.extent_size
+
+
+@dataclasses.dataclass(frozen=True)
 class PERange:
     """A free range of count extents of one PV starting at first_pe."""
 
@@ -451,6 +466,36 @@ class LVM:
                     vg=vg, lv=lv, reason=_clean(e.err), cmd=e.cmd, rc=e.rc, err=e.err
                 ) from e
         log.info("Refreshed LV vg=%s lv=%s", vg, lv)
+
+    def lv_layout(self, vg: str, lv: str) -> Layout:
+        """vg/lv's PV segments with the PVs' pe_start, in one lvm2 command."""
+        check_name(vg)
+        check_name(lv)
+        fields = (
+            "vg_name,vg_extent_size,lv_name,pv_name,pe_start,pvseg_start,pvseg_size,seg_start_pe"
+        )
+        select = ["--segments", "--select", f"vg_name={vg} && lv_name={lv}"]
+        rows = self._report("pvs", fields, "pvseg", [], extra_args=select)
+        rows = [r for r in rows if r["vg_name"] == vg and r["lv_name"] == lv]
+        if not rows:
+            self.lv_info(vg, lv)  # raises the specific error
+            raise errors.LogicalVolumeDoesNotExistError(vg=vg, lv=lv)
+        rows.sort(key=lambda r: int(r["seg_start_pe"]))
+        segments = tuple(
+            Segment(
+                r["pv_name"],
+                int(r["pvseg_start"]),
+                int(r["pvseg_start"]) + int(r["pvseg_size"]) - 1,
+            )
+            for r in rows
+        )
+        return Layout(
+            vg_name=vg,
+            name=lv,
+            extent_size=int(rows[0]["vg_extent_size"]),
+            segments=segments,
+            pe_starts={r["pv_name"]: int(r["pe_start"]) for r in rows},
+        )
 
     # Free extents
 

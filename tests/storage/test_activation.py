@@ -253,3 +253,54 @@ def test_dm_mode_lifecycle(vg_factory: VGFactory, run_dir: str) -> None:
     finally:
         act.deactivate(vg.name, "vol")
     assert not act.is_active(vg.name, "vol")
+
+
+def test_copy_a_chain_into_activated_lvs(
+    vg: conftest.LoopVG, storage_tmpdir: str, act: activation.LoopActivation
+) -> None:
+    # The product's path: a chain on files copied layer by layer into LVs
+    # reached through links named by volume (qcow2 backing references are
+    # bare names, resolved in the link directory), with O_DIRECT.
+    src = os.path.join(storage_tmpdir, "src")
+    links = os.path.join(storage_tmpdir, "links")
+    os.makedirs(src)
+    os.makedirs(links)
+    qemuimg.create(os.path.join(src, "base"), qemuimg.RAW, size=16 * MiB)
+    commands.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 16M", os.path.join(src, "base")])
+    qemuimg.create(os.path.join(src, "top"), qemuimg.QCOW2, backing="base", backing_fmt=qemuimg.RAW)
+    commands.run(
+        [
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 2 1M 64k",
+            "-c",
+            "write -z 2M 64k",
+            os.path.join(src, "top"),
+        ]
+    )
+    vg.lvm.lvcreate(vg.name, "base", 4)  # 16 MiB, preallocated RAW
+    vg.lvm.lvcreate(vg.name, "top", 1)  # a thin COW volume's first chunk
+    for name in ("base", "top"):
+        os.symlink(act.activate(vg.name, name), os.path.join(links, name))
+    qemuimg.create(
+        os.path.join(links, "top"),
+        qemuimg.QCOW2,
+        size=16 * MiB,
+        backing="base",
+        backing_fmt=qemuimg.RAW,
+    )
+
+    qemuimg.copy_layer(os.path.join(src, "base"), os.path.join(links, "base"), qemuimg.RAW)
+    qemuimg.copy_layer(os.path.join(src, "top"), os.path.join(links, "top"), qemuimg.QCOW2)
+
+    assert qemuimg.compare(
+        os.path.join(src, "top"), os.path.join(links, "top"), qemuimg.QCOW2, qemuimg.QCOW2
+    )
+    own = [
+        (e["start"], e["length"], e["zero"])
+        for e in qemuimg.map(os.path.join(links, "top"), fmt=qemuimg.QCOW2)
+        if e["depth"] == 0
+    ]
+    assert own == [(1 * MiB, 64 * 1024, False), (2 * MiB, 64 * 1024, True)]

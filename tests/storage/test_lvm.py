@@ -199,3 +199,28 @@ def test_concurrent_changes_of_one_vg_all_succeed(vg_factory: VGFactory) -> None
     lvs = vg.lvm.lvs(vg.name)
     assert [x.name for x in lvs] == [f"lv{i}" for i in range(6)]
     assert all(x.extent_count == 3 and "DONE" in x.tags for x in lvs)
+
+
+def test_lv_layout_gives_segments_in_lv_order_with_pv_offsets(vg_factory: VGFactory) -> None:
+    vg = vg_factory(pv_count=2, pv_size=256 * MiB)
+    pv1, pv2 = vg.devices
+    vg.lvm.lvcreate(vg.name, "vol", 3, pv_range=lvm.pv_range(pv1, 40, 42))
+    vg.lvm.lvextend(vg.name, "vol", 5, pv_range=lvm.pv_range(pv1, 10, 11))
+    vg.lvm.lvextend(vg.name, "vol", 6, pv_range=lvm.pv_range(pv2, 0, 0))
+
+    layout = vg.lvm.lv_layout(vg.name, "vol")
+
+    # LV order, not PV order: 40-42 comes first although 10-11 is lower.
+    assert layout.segments == (
+        lvm.Segment(pv1, 40, 42),
+        lvm.Segment(pv1, 10, 11),
+        lvm.Segment(pv2, 0, 0),
+    )
+    assert layout.extent_size == vg.extent_size
+    info = vg.lvm.vg_info(vg.name)
+    assert layout.pe_starts == {pv.name: pv.pe_start for pv in info.pvs}
+    assert layout.offset(layout.segments[0]) == info.pv(pv1).pe_start + 40 * vg.extent_size
+    with pytest.raises(errors.LogicalVolumeDoesNotExistError):
+        vg.lvm.lv_layout(vg.name, "missing")
+    with pytest.raises(errors.VolumeGroupDoesNotExist):
+        vg.lvm.lv_layout("no-such-vg", "vol")
