@@ -198,3 +198,196 @@ class LoopDeviceError(Error):
 class ActivationModeUnavailable(Error):
     name = "ActivationModeUnavailable"
     msg = "Activation mode {mode} is not available on this host"
+
+
+# Domains, volumes, images and the pool (storage/sd.py, file_sd.py,
+# block_sd.py, volume.py, image.py, pool.py, extend.py, api.py).
+
+
+class VolumeDoesNotExist(Error):
+    name = "VolumeDoesNotExist"
+    msg = "Volume {vol_id} does not exist in domain {sd_id}"
+
+
+class IncorrectFormat(Error):
+    name = "IncorrectFormat"
+    msg = "Incorrect volume format {format}"
+
+
+class VolumeIsBusy(Error):
+    name = "VolumeIsBusy"
+    msg = "Volume {vol_id} of domain {sd_id} is busy"
+
+
+class VolumeImageHasChildren(Error):
+    name = "VolumeImageHasChildren"
+    msg = "Volume {vol_id} of domain {sd_id} has children"
+
+
+class VolumeAlreadyExists(Error):
+    name = "VolumeAlreadyExists"
+    msg = "Volume {vol_id} already exists in domain {sd_id} (image {img_id})"
+
+
+class VolumeExtendingError(Error):
+    name = "VolumeExtendingError"
+    msg = "Cannot extend volume {vol_id} of domain {sd_id} to {size} bytes"
+
+
+class VolumeMetadataReadError(Error):
+    name = "VolumeMetadataReadError"
+    msg = "Cannot read the metadata of volume {vol_id}"
+
+
+class VolumeMetadataWriteError(Error):
+    name = "VolumeMetadataWriteError"
+    msg = "Cannot write the metadata of volume {vol_id}"
+
+
+class prepareIllegalVolumeError(Error):  # noqa: N801 - VDSM's name
+    name = "prepareIllegalVolumeError"
+    msg = "Cannot prepare ILLEGAL volume {vol_id} of domain {sd_id}"
+
+
+class IncorrectType(Error):
+    name = "IncorrectType"
+    msg = "Incorrect volume preallocation type {type}"
+
+
+class InvalidVolumeSize(Error):
+    name = "InvalidVolumeSize"
+    msg = "Invalid volume size {size}"
+
+
+class VolumeCapacityBelowParent(Error):
+    name = "VolumeCapacityBelowParent"
+    msg = "Capacity {capacity} is below the capacity {parent_capacity} of parent {parent_id}"
+
+
+class VolumeDescriptionTooLong(Error):
+    name = "VolumeDescriptionTooLong"
+    msg = "Volume description of {length} characters is longer than {limit}"
+
+
+class MetadataOverflowError(Error):
+    name = "MetadataOverflowError"
+    msg = "Metadata of {size} bytes does not fit in {limit} bytes"
+
+
+class ImageIsNotLegalChain(Error):
+    name = "ImageIsNotLegalChain"
+    msg = "Image {img_id} of domain {sd_id} is not a legal chain"
+
+
+class ImageDoesNotExistInSD(Error):
+    name = "ImageDoesNotExistInSD"
+    msg = "Image {img_id} does not exist in domain {sd_id}"
+
+
+class StorageDomainDoesNotExist(Error):
+    name = "StorageDomainDoesNotExist"
+    msg = "Storage domain {sd_id} does not exist"
+
+
+class StorageDomainAlreadyExists(Error):
+    name = "StorageDomainAlreadyExists"
+    msg = "Storage domain {sd_id} already exists"
+
+
+class StorageDomainCreationError(Error):
+    name = "StorageDomainCreationError"
+    msg = "Cannot create storage domain {sd_id}"
+
+
+class StorageDomainIllegalRemotePath(Error):
+    name = "StorageDomainIllegalRemotePath"
+    msg = "Illegal storage domain path {path}"
+
+
+class StorageDomainMetadataNotFound(Error):
+    name = "StorageDomainMetadataNotFound"
+    msg = "Metadata of storage domain {sd_id} not found"
+
+
+class StorageDomainNotInPool(Error):
+    name = "StorageDomainNotInPool"
+    msg = "Storage domain {sd_id} is not in pool {pool_id}"
+
+
+class StorageDomainAlreadyAttached(Error):
+    name = "StorageDomainAlreadyAttached"
+    msg = "Storage domain {sd_id} is already attached to pool {pool_id}"
+
+
+class CannotDetachMasterStorageDomain(Error):
+    name = "CannotDetachMasterStorageDomain"
+    msg = "Cannot detach master domain {sd_id} of pool {pool_id}"
+
+
+class CannotFormatAttachedStorageDomain(Error):
+    name = "CannotFormatAttachedStorageDomain"
+    msg = "Cannot format storage domain {sd_id}: attached to pool {pool_id}"
+
+
+class NoSpaceLeftOnDomain(Error):
+    name = "NoSpaceLeftOnDomain"
+    msg = "No space left on storage domain {sd_id}"
+
+
+class StoragePoolUnknown(Error):
+    name = "StoragePoolUnknown"
+    msg = "Unknown pool {pool_id}: not connected"
+
+
+class StoragePoolCreationError(Error):
+    name = "StoragePoolCreationError"
+    msg = "Cannot create storage pool {pool_id}"
+
+
+class StoragePoolAlreadyExists(Error):
+    name = "StoragePoolAlreadyExists"
+    msg = "Storage pool {pool_id} already exists"
+
+
+class StoragePoolMasterNotFound(Error):
+    name = "StoragePoolMasterNotFound"
+    msg = "Master domain {sd_id} of pool {pool_id} not found"
+
+
+class StoragePoolWrongMaster(Error):
+    name = "StoragePoolWrongMaster"
+    msg = "Domain {sd_id} is not the master of pool {pool_id}"
+
+
+class CannotConnectMultiplePools(Error):
+    name = "CannotConnectMultiplePools"
+    msg = "Cannot connect pool {pool_id}: connected to pool {connected}"
+
+
+class SpmStatusError(Error):
+    name = "SpmStatusError"
+    msg = "Not SPM of pool {pool_id}"
+
+
+class SpmStopError(Error):
+    name = "SpmStopError"
+    msg = "Cannot stop SPM of pool {pool_id}: unfinished tasks {tasks}"
+
+
+# Image.cloneStructure, Image.syncData, Image.delete (storage/clone.py,
+# sync.py, image_delete.py, image_ops.py).
+
+
+class SameSourceAndDestination(Error):
+    name = "SameSourceAndDestination"
+    msg = "Image {img_id}: source and destination are the same domain {sd_id}"
+
+
+class ImageStructureMismatch(Error):
+    name = "ImageStructureMismatch"
+    msg = "Image {img_id} on domain {sd_id} does not have the source's structure"
+
+
+class InvalidSyncType(Error):
+    name = "InvalidSyncType"
+    msg = "Invalid sync type {sync_type}"

@@ -1,0 +1,505 @@
+"""Storage domains: what file and block domains share.
+
+A domain has two faces, as in VDSM:
+
+- the *manifest* (:class:`DomainManifest`): metadata only.  The domain's own
+  metadata (``SDUUID, TYPE, NAME, CLASS, VERSION, ROLE, POOL_UUID`` and, on a
+  pool's master domain, the pool's ``POOL_*``/``MASTER_VERSION`` keys), the
+  listing of images and volumes, and each volume's metadata.
+- the *domain* (:class:`StorageDomain`): operations that change storage.
+  Creating and removing volumes (data and metadata, in a crash-safe order),
+  activating them, formatting the domain.
+
+File and block domains implement both (``storage/file_sd.py``,
+``storage/block_sd.py``).  :class:`Registry` remembers, on this host, where
+each known domain lives (a directory or a list of devices), so a restarted
+daemon finds its domains again; :class:`DomainCache` turns a domain UUID into
+a domain object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from storage import errors, oop, volume
+
+if TYPE_CHECKING:
+    from storage import image
+
+log = logging.getLogger("storage.sd")
+
+FILE = "file"
+BLOCK = "block"
+DOMAIN_TYPES = (FILE, BLOCK)
+
+MASTER = "Master"
+REGULAR = "Regular"
+
+VERSION = 5
+DATA_CLASS = "Data"
+BLANK_UUID = volume.BLANK_UUID
+
+# Keys of the domain metadata.
+SDUUID = "SDUUID"
+TYPE = "TYPE"
+NAME = "NAME"
+CLASS = "CLASS"
+VERSION_KEY = "VERSION"
+ROLE = "ROLE"
+POOL_UUID = "POOL_UUID"
+# Keys a pool keeps in its master domain's metadata (VDSM's names).
+POOL_DESCRIPTION = "POOL_DESCRIPTION"
+POOL_DOMAINS = "POOL_DOMAINS"
+MASTER_VERSION = "MASTER_VERSION"
+POOL_SPM_ID = "POOL_SPM_ID"
+POOL_SPM_LVER = "POOL_SPM_LVER"
+POOL_KEYS = (POOL_DESCRIPTION, POOL_DOMAINS, MASTER_VERSION, POOL_SPM_ID, POOL_SPM_LVER)
+
+# Special files (file domain, under dom_md/) or LVs (block domain).
+SPECIAL_VOLUMES = ("metadata", "ids", "leases", "inbox", "outbox")
+
+
+def dump_metadata(fields: dict[str, str]) -> bytes:
+    """KEY=VALUE lines, sorted, ending in EOF."""
+    lines = [f"{k}={v}" for k, v in sorted(fields.items())]
+    lines.append("EOF")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def parse_metadata(data: bytes, sd_id: str) -> dict[str, str]:
+    text = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if line == "EOF":
+            return fields
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    raise errors.StorageDomainMetadataNotFound(sd_id=sd_id, reason="no EOF marker")
+
+
+@dataclasses.dataclass
+class Env:
+    """What domain objects need from the host (plain values, no config)."""
+
+    oop: oop.Pool
+    run_dir: str
+    activation_mode: str = "auto"
+    chunk_size: int = 2560 * 1024**2
+    extent_size_mb: int = 128
+
+
+class DomainManifest:
+    """A domain's metadata. Subclasses store it; this class interprets it."""
+
+    domain_type = ""
+
+    def __init__(self, sd_id: str, env: Env) -> None:
+        self.sd_id = sd_id
+        self.env = env
+        # Serializes read-modify-write of the domain's and its volumes' metadata.
+        self.lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.sd_id}>"
+
+    # Domain metadata: implemented by subclasses.
+
+    def read_metadata(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def write_metadata(self, fields: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def update_metadata(self, changes: dict[str, str | None]) -> dict[str, str]:
+        """Set keys (None removes a key) atomically with respect to this host."""
+        with self.lock:
+            fields = self.read_metadata()
+            for key, value in changes.items():
+                if value is None:
+                    fields.pop(key, None)
+                else:
+                    fields[key] = value
+            self.write_metadata(fields)
+            return fields
+
+    # Images and volumes: implemented by subclasses.
+
+    def list_images(self) -> list[str]:
+        raise NotImplementedError
+
+    def list_volumes(self, img_id: str) -> list[str]:
+        raise NotImplementedError
+
+    def find_volume(self, vol_id: str) -> str | None:
+        """The image holding vol_id anywhere in the domain, or None."""
+        raise NotImplementedError
+
+    def read_volume_metadata(self, img_id: str, vol_id: str) -> volume.Metadata:
+        raise NotImplementedError
+
+    def write_volume_metadata(self, img_id: str, vol_id: str, md: volume.Metadata) -> None:
+        raise NotImplementedError
+
+    def volume_size(self, img_id: str, vol_id: str) -> tuple[int, int]:
+        """(apparent size, true size) in bytes."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def type_info(self) -> dict[str, Any]:
+        """Type-specific fields of getInfo (path or VG and devices)."""
+        raise NotImplementedError
+
+    # Shared behaviour.
+
+    def volume(self, img_id: str, vol_id: str) -> volume.VolumeManifest:
+        return volume.VolumeManifest(self, img_id, vol_id)
+
+    def image_metadata(self, img_id: str) -> dict[str, volume.Metadata]:
+        """Metadata of every volume of an image (empty if no such image)."""
+        return {v: self.read_volume_metadata(img_id, v) for v in self.list_volumes(img_id)}
+
+    def pool_id(self) -> str:
+        return self.read_metadata().get(POOL_UUID, "")
+
+    def role(self) -> str:
+        return self.read_metadata().get(ROLE, REGULAR)
+
+    def info(self) -> dict[str, Any]:
+        md = self.read_metadata()
+        pool = md.get(POOL_UUID, "")
+        result = {
+            "uuid": self.sd_id,
+            "name": md.get(NAME, ""),
+            "type": self.domain_type,
+            "class": md.get(CLASS, DATA_CLASS),
+            "role": md.get(ROLE, REGULAR),
+            "pool": [pool] if pool else [],
+            "version": md.get(VERSION_KEY, str(VERSION)),
+        }
+        result.update(self.type_info())
+        return result
+
+
+class StorageDomain:
+    """Operations on a domain; the sequencing of volume creation lives here."""
+
+    def __init__(self, manifest: DomainManifest) -> None:
+        self.manifest = manifest
+        self.sd_id = manifest.sd_id
+        self.env = manifest.env
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.sd_id}>"
+
+    @property
+    def domain_type(self) -> str:
+        return self.manifest.domain_type
+
+    # Hooks of the subclasses.
+
+    def open(self) -> None:
+        """Make the domain's own metadata reachable (block: activate special LVs)."""
+
+    def close(self) -> None:
+        """Undo open() (block: deactivate special LVs)."""
+
+    def format(self) -> None:
+        raise NotImplementedError
+
+    def lease_paths(self) -> tuple[str, str]:
+        """(ids, leases) paths for the cluster lock."""
+        raise NotImplementedError
+
+    def task_store(self) -> tuple[str, Any]:
+        """(directory, file operations) of the SPM task store when this
+        domain is a pool's master (see storage.task.TaskManager)."""
+        raise NotImplementedError
+
+    def check_create(
+        self, fmt: str, prealloc: str, capacity: int, initial_size: int | None
+    ) -> None:
+        """Refuse what this domain type can't create (before any task exists)."""
+
+    def activate_volume(self, img_id: str, vol_id: str) -> str:
+        """Make the volume's data reachable on this host; returns its path."""
+        raise NotImplementedError
+
+    def deactivate_volume(self, img_id: str, vol_id: str) -> None:
+        raise NotImplementedError
+
+    def _allocate(
+        self, img_id: str, vol_id: str, md: volume.Metadata, initial_size: int | None
+    ) -> None:
+        """Reserve room for a new volume (image directory or LV)."""
+        raise NotImplementedError
+
+    def _create_data(
+        self,
+        images: image.ImageManager,
+        img_id: str,
+        vol_id: str,
+        md: volume.Metadata,
+        cluster_size: int | None,
+    ) -> None:
+        raise NotImplementedError
+
+    def _remove(self, img_id: str, vol_id: str) -> None:
+        """Remove a volume's data and metadata; idempotent."""
+        raise NotImplementedError
+
+    # Volume creation and removal (SPM).
+
+    def validate_create(
+        self,
+        img_id: str,
+        vol_id: str,
+        capacity: int,
+        fmt: str,
+        prealloc: str,
+        parent_id: str,
+        initial_size: int | None = None,
+    ) -> volume.Metadata | None:
+        """Refuse a creation that is invalid on its face; returns the parent's metadata."""
+        if fmt not in volume.FORMATS:
+            raise errors.IncorrectFormat(format=fmt, reason="unknown format")
+        if prealloc not in volume.TYPES:
+            raise errors.IncorrectType(type=prealloc, reason="unknown preallocation")
+        capacity = volume.check_capacity(capacity)
+        if initial_size is not None:
+            volume.check_capacity(initial_size)
+        self.check_create(fmt, prealloc, capacity, initial_size)
+        found = self.manifest.find_volume(vol_id)
+        if found is not None:
+            raise errors.VolumeAlreadyExists(vol_id=vol_id, sd_id=self.sd_id, img_id=found)
+        existing = self.manifest.image_metadata(img_id)
+        if parent_id == BLANK_UUID:
+            if existing:
+                raise errors.ImageIsNotLegalChain(
+                    img_id=img_id, sd_id=self.sd_id, reason="the image already has a base volume"
+                )
+            return None
+        parent = existing.get(parent_id)
+        if parent is None:
+            raise errors.VolumeDoesNotExist(vol_id=parent_id, sd_id=self.sd_id)
+        if fmt != volume.COW:
+            raise errors.IncorrectFormat(format=fmt, reason="a volume with a parent must be COW")
+        if any(md.parent == parent_id for md in existing.values()):
+            raise errors.ImageIsNotLegalChain(
+                img_id=img_id, sd_id=self.sd_id, reason=f"volume {parent_id} already has a child"
+            )
+        if capacity < parent.capacity:
+            raise errors.VolumeCapacityBelowParent(
+                capacity=capacity, parent_id=parent_id, parent_capacity=parent.capacity
+            )
+        return parent
+
+    def create_volume(
+        self,
+        images: image.ImageManager,
+        img_id: str,
+        vol_id: str,
+        capacity: int,
+        fmt: str,
+        prealloc: str,
+        parent_id: str = BLANK_UUID,
+        description: str = "",
+        initial_size: int | None = None,
+        cluster_size: int | None = None,
+        legal: bool = True,
+        on_allocated: Callable[[], None] | None = None,
+    ) -> None:
+        """Create a volume: metadata ILLEGAL, then data, then the parent INTERNAL
+        and the volume LEGAL (left ILLEGAL when legal is false: clone).
+
+        on_allocated is called once something exists on storage, so a caller
+        knows it must remove the volume if a later step fails.
+        """
+        with self.manifest.lock:
+            self.validate_create(img_id, vol_id, capacity, fmt, prealloc, parent_id, initial_size)
+            md = volume.Metadata(
+                domain=self.sd_id,
+                image=img_id,
+                parent=parent_id,
+                capacity=volume.check_capacity(capacity),
+                format=fmt,
+                type=prealloc,
+                voltype=volume.LEAF,
+                legality=volume.ILLEGAL,
+                ctime=int(time.time()),
+                description=volume.clean_description(description),
+            )
+            log.info(
+                "Creating volume sd=%s img=%s vol=%s parent=%s format=%s type=%s capacity=%d",
+                self.sd_id,
+                img_id,
+                vol_id,
+                parent_id,
+                fmt,
+                prealloc,
+                md.capacity,
+            )
+            self._allocate(img_id, vol_id, md, initial_size)
+            if on_allocated is not None:
+                on_allocated()
+            self.manifest.write_volume_metadata(img_id, vol_id, md)
+        self._create_data(images, img_id, vol_id, md, cluster_size)
+        with self.manifest.lock:
+            if parent_id != BLANK_UUID:
+                self.manifest.volume(img_id, parent_id).set_voltype(volume.INTERNAL)
+            if legal:
+                self.manifest.volume(img_id, vol_id).set_legality(volume.LEGAL)
+        log.info("Created volume sd=%s img=%s vol=%s", self.sd_id, img_id, vol_id)
+
+    def validate_delete(self, images: image.ImageManager, img_id: str, vol_id: str) -> None:
+        """Refuse deleting a missing, prepared or non-leaf volume."""
+        existing = self.manifest.image_metadata(img_id)
+        if vol_id not in existing:
+            raise errors.VolumeDoesNotExist(vol_id=vol_id, sd_id=self.sd_id)
+        if any(md.parent == vol_id for md in existing.values()):
+            raise errors.VolumeImageHasChildren(vol_id=vol_id, sd_id=self.sd_id)
+        if images.is_prepared(self.sd_id, img_id, vol_id):
+            raise errors.VolumeIsBusy(vol_id=vol_id, sd_id=self.sd_id, reason="prepared")
+
+    def delete_volume(self, images: image.ImageManager, img_id: str, vol_id: str) -> None:
+        """Delete a leaf volume; its parent becomes the leaf again."""
+        with self.manifest.lock:
+            self.validate_delete(images, img_id, vol_id)
+            md = self.manifest.read_volume_metadata(img_id, vol_id)
+            log.info("Deleting volume sd=%s img=%s vol=%s", self.sd_id, img_id, vol_id)
+            # ILLEGAL first: a crash leaves a volume nobody will use.
+            self.manifest.volume(img_id, vol_id).set_legality(volume.ILLEGAL)
+            self.remove_volume(img_id, vol_id, md.parent)
+
+    def remove_volume(self, img_id: str, vol_id: str, parent_id: str | None = None) -> None:
+        """Remove whatever exists of a volume (rollback of a creation, or deletion).
+
+        The parent (read from the metadata if not given) becomes LEAF when it
+        has no other child.
+        """
+        with self.manifest.lock:
+            if parent_id is None:
+                try:
+                    parent_id = self.manifest.read_volume_metadata(img_id, vol_id).parent
+                except (errors.VolumeDoesNotExist, errors.VolumeMetadataReadError):
+                    parent_id = BLANK_UUID
+            self._remove(img_id, vol_id)
+            log.info("Removed volume sd=%s img=%s vol=%s", self.sd_id, img_id, vol_id)
+            if parent_id == BLANK_UUID:
+                return
+            try:
+                siblings = self.manifest.image_metadata(img_id)
+                if parent_id in siblings and not any(
+                    md.parent == parent_id for md in siblings.values()
+                ):
+                    self.manifest.volume(img_id, parent_id).set_voltype(volume.LEAF)
+            except errors.Error:
+                log.exception("Cannot restore parent sd=%s vol=%s to LEAF", self.sd_id, parent_id)
+
+
+class Registry:
+    """Where this host finds each domain it knows: ``<state_dir>/domains/<sd>.json``
+    holding ``{"type": "file", "path": DIR}`` or ``{"type": "block", "devices": [...]}``.
+
+    The state directory is local to the host (not shared storage), so plain
+    file operations are used.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.join(state_dir, "domains")
+        os.makedirs(self.dir, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _path(self, sd_id: str) -> str:
+        return os.path.join(self.dir, f"{sd_id}.json")
+
+    def add(self, sd_id: str, domain_type: str, args: dict[str, Any]) -> None:
+        entry = {"type": domain_type, **args}
+        with self._lock:
+            write_json_atomic(self._path(sd_id), entry)
+
+    def remove(self, sd_id: str) -> None:
+        with self._lock:
+            try:
+                os.unlink(self._path(sd_id))
+            except FileNotFoundError:
+                pass
+
+    def get(self, sd_id: str) -> dict[str, Any] | None:
+        try:
+            with open(self._path(sd_id), encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def __iter__(self) -> Iterator[str]:
+        names = sorted(os.listdir(self.dir))
+        return iter(n[: -len(".json")] for n in names if n.endswith(".json"))
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    """Write a local JSON file atomically (temp, fsync, rename, fsync dir)."""
+    tmp = f"{path}.tmp"
+    data = json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+Opener = Callable[[str, dict[str, Any], Env], StorageDomain]
+
+
+class DomainCache:
+    """Domain objects by UUID, opened from the registry on first use."""
+
+    def __init__(self, registry: Registry, env: Env, openers: dict[str, Opener]) -> None:
+        self.registry = registry
+        self.env = env
+        self.openers = openers
+        self._domains: dict[str, StorageDomain] = {}
+        self._lock = threading.Lock()
+
+    def get(self, sd_id: str) -> StorageDomain:
+        """The domain, or StorageDomainDoesNotExist."""
+        with self._lock:
+            dom = self._domains.get(sd_id)
+            if dom is not None:
+                return dom
+            entry = self.registry.get(sd_id)
+            if entry is None:
+                raise errors.StorageDomainDoesNotExist(sd_id=sd_id)
+            args = {k: v for k, v in entry.items() if k != "type"}
+            dom = self.openers[entry["type"]](sd_id, args, self.env)
+            self._domains[sd_id] = dom
+            return dom
+
+    def add(self, dom: StorageDomain, args: dict[str, Any]) -> None:
+        with self._lock:
+            self.registry.add(dom.sd_id, dom.domain_type, args)
+            self._domains[dom.sd_id] = dom
+
+    def forget(self, sd_id: str) -> None:
+        with self._lock:
+            self._domains.pop(sd_id, None)
+            self.registry.remove(sd_id)
+
+    def known(self) -> list[str]:
+        return list(self.registry)
