@@ -138,6 +138,7 @@ def _switch(vm: vm_mod.VM, plan: list[_Step]) -> None:
     try:
         vm.call(lambda dom: dom.snapshotCreateXML(xml, FLAGS), retry=False)
     except libvirt.libvirtError as e:
+        log.warning("libvirt refused the snapshot vm=%s error=%s", vm.id, e)
         raise errors.SnapshotError(str(e), vm_id=vm.id) from e
 
 

@@ -26,16 +26,20 @@ QEMU_IMG_TIMEOUT = 60
 
 
 class FileStore:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, pool_id: str | None = None, sd_id: str | None = None) -> None:
         self.root = root
         self.run_dir = os.path.join(root, "run")
-        self.pool_id = str(uuid.uuid4())
-        self.sd_id = str(uuid.uuid4())
+        self.pool_id = pool_id or str(uuid.uuid4())
+        self.sd_id = sd_id or str(uuid.uuid4())
         self._lock = threading.Lock()
         self._refs: collections.Counter[str] = collections.Counter()
         self._stacks: dict[str, list[list[str]]] = {}
         self.calls: list[tuple[str, str]] = []  # ("prepare" | "teardown", vol_id)
         self.loops: list[str] = []
+
+    def reopen(self) -> FileStore:
+        """The same volumes as seen by a restarted daemon: no references held."""
+        return FileStore(self.root, self.pool_id, self.sd_id)
 
     # Making volumes
 

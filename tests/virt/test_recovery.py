@@ -1,0 +1,173 @@
+"""virt/recovery.py: a restarted daemon finds its running VMs again."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from contrib.guest import verifier
+from tests.virt import conftest
+from virt import drive as drive_mod
+from virt import metadata
+from virt import vm as vm_mod
+
+pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.guest]
+
+MiB = conftest.MiB
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def two_volume_image(store) -> tuple[str, str, str]:
+    img, base, leaf = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    store.create(img, base, 64 * MiB, "COW")
+    store.create(img, leaf, 64 * MiB, "COW", parent=base)
+    return img, base, leaf
+
+
+def snap(store, img, base, leaf):
+    return [{"domainID": store.sd_id, "imageID": img, "baseVolumeID": base, "volumeID": leaf}]
+
+
+def test_restarted_daemon_recovers_vm(make_api, store, vm_params):
+    img, base, leaf = two_volume_image(store)
+    first = make_api(store)
+    g = vm_params([store.drive(img, base)], rate=20)
+    first.vm_create(g.vm_id, g.params)
+    first.vm_snapshot(g.vm_id, snap(store, img, base, leaf))
+    g.wait_acks(10)
+    first.stop()  # the daemon goes away; the VM keeps running
+
+    store2 = store.reopen()
+    second = make_api(store2)
+
+    assert second.host_get_vm_list() == [{"vmId": g.vm_id, "status": vm_mod.UP}]
+    stats = second.vm_get_stats(g.vm_id)
+    disk = stats["disks"]["vda"]
+    assert stats["vmName"] == g.params["vmName"]
+    assert disk["volumeID"] == leaf
+    assert disk["volumeChain"] == [
+        {"volumeID": base, "path": store.link_path(img, base)},
+        {"volumeID": leaf, "path": store.link_path(img, leaf)},
+    ]
+    # The references the VM held are taken again, once each.
+    assert store2.held() == {base: 2, leaf: 1}
+    # Undisturbed: the guest kept writing.
+    acks = g.acks()
+    g.wait_acks(acks + 5)
+
+    second.vm_destroy(g.vm_id)
+    assert store2.held() == {}
+    assert second.host_get_vm_list() == []
+
+
+def test_recovery_follows_live_chain_when_metadata_lags(make_api, store, vm_params):
+    # The daemon died after libvirt switched to the new leaf but before the
+    # metadata was written: the live domain XML wins.
+    img, base, leaf = two_volume_image(store)
+    first = make_api(store)
+    g = vm_params([store.drive(img, base)], rate=20)
+    first.vm_create(g.vm_id, g.params)
+    stale = [
+        drive_mod.Drive(
+            name=d.name,
+            pool_id=d.pool_id,
+            domain_id=d.domain_id,
+            image_id=d.image_id,
+            volume_id=d.volume_id,
+            format=d.format,
+            chain=list(d.chain),
+            disk_type=d.disk_type,
+            prepared=list(d.prepared),
+        )
+        for d in first.get_vm(g.vm_id).drives
+    ]
+    first.vm_snapshot(g.vm_id, snap(store, img, base, leaf))
+    first.get_vm(g.vm_id).call(lambda dom: metadata.write(dom, stale))
+    first.stop()
+
+    second = make_api(store.reopen())
+
+    disk = second.vm_get_stats(g.vm_id)["disks"]["vda"]
+    assert disk["volumeID"] == leaf
+    assert [v["volumeID"] for v in disk["volumeChain"]] == [base, leaf]
+
+
+def test_foreign_domains_are_not_recovered(make_api, store, domains):
+    conn = conftest.libvirt_connection()
+    vm_id = str(uuid.uuid4())
+    domains.append(vm_id)
+    try:
+        name = f"lsmtest-virt-foreign-{vm_id[:8]}"
+        conn.createXML(
+            f"<domain type='qemu'><name>{name}</name><uuid>{vm_id}</uuid>"
+            "<memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os>"
+            "</domain>",
+            0,
+        )
+    finally:
+        conn.close()
+
+    api = make_api(store)
+
+    assert vm_id not in [v["vmId"] for v in api.host_get_vm_list()]
+
+
+def test_kill_9_daemon_then_recover(make_api, store, vm_params):
+    img, base, leaf = two_volume_image(store)
+    g = vm_params([store.drive(img, base)], count=300, rate=30, poweroff=True)
+    spec = {
+        "root": store.root,
+        "pool_id": store.pool_id,
+        "sd_id": store.sd_id,
+        "vm_id": g.vm_id,
+        "params": g.params,
+        "snapshot": snap(store, img, base, leaf),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.virt.agent", json.dumps(spec)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(proc, timeout=120)
+        g.wait_acks(20)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+    store2 = store.reopen()
+    api = make_api(store2)
+
+    assert api.host_get_vm_list() == [{"vmId": g.vm_id, "status": vm_mod.UP}]
+    disk = api.vm_get_stats(g.vm_id)["disks"]["vda"]
+    assert [v["volumeID"] for v in disk["volumeChain"]] == [base, leaf]
+    # Events reach the recovered VM: the guest powers off after its writes.
+    g.wait_acks(300, timeout=180)
+    conftest.wait_for(lambda: api.get_vm(g.vm_id).status == vm_mod.DOWN, 60, "guest poweroff")
+    assert verifier.verify(g.serial_log, store.link_path(img, leaf), "qcow2").lost == 0
+    api.vm_destroy(g.vm_id)
+    assert store2.held() == {}
+
+
+def _wait_ready(proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited rc={proc.returncode}")
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready and proc.stdout.readline().strip() == b"READY":
+            return
+    raise TimeoutError("agent did not create its VM")
