@@ -127,13 +127,8 @@ class StorageAPI:
         """At daemon stop: let running tasks finish (queued ones stay persisted
         for the next SPM), release the SPM lease, stop the helpers."""
         with self._lock:
-            p = self._pool
-            if p is not None and p.tasks is not None:
-                p.tasks.shutdown(wait=True)
-                p.tasks = None
-                if p._cluster_lock is not None:
-                    p._cluster_lock.release()
-                    p._cluster_lock = None
+            if self._pool is not None:
+                self._pool.shutdown()
         self.oop.close()
 
     # Narrow interface for other packages.
@@ -258,6 +253,20 @@ class StorageAPI:
             self.cache.forget(sd_id)
         log.info("Formatted storage domain sd=%s", sd_id)
         return True
+
+    def learn_domain(self, sd_id: str, domain_type: str, type_args: dict[str, Any]) -> None:
+        """Remember an existing domain made by another host (what VDSM learns
+        from connectStorageServer and a scan); checks its metadata."""
+        opener = {sd.FILE: file_sd.open_domain, sd.BLOCK: block_sd.open_domain}[domain_type]
+        args = {"path": type_args["path"]} if domain_type == sd.FILE else {
+            "devices": list(type_args["devices"])
+        }
+        dom = opener(sd_id, args, self.env)
+        md = dom.manifest.read_metadata()
+        if md.get(sd.SDUUID) != sd_id:
+            raise errors.StorageDomainDoesNotExist(sd_id=sd_id, reason="metadata names another")
+        self.cache.add(dom, args)
+        log.info("Learned storage domain sd=%s type=%s args=%s", sd_id, domain_type, args)
 
     def _check_devices_free(self, sd_id: str, devices: list[str]) -> None:
         for other in self.cache.known():

@@ -359,6 +359,17 @@ class Pool:
                 self._cluster_lock = None
         log.info("Stopped SPM pool=%s", self.pool_id)
 
+    def shutdown(self) -> None:
+        """Daemon stop: running tasks finish, queued ones stay persisted for
+        the next SPM, the SPM lease is released."""
+        with self._lock:
+            if self.tasks is not None:
+                self.tasks.shutdown(wait=True)
+                self.tasks = None
+            if self._cluster_lock is not None:
+                self._cluster_lock.release()
+                self._cluster_lock = None
+
     def spm_status(self) -> dict[str, Any]:
         if self.is_spm():
             return {"spmStatus": SPM, "spmId": self.host_id, "spmLver": self._spm_lver}

@@ -1,0 +1,246 @@
+"""Block domains on real lvm2 over loop devices: layout, metadata slots,
+info, stats, format; bad input leaves LVM untouched; the master LV store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from storage import block_sd, commands, errors, lvm, sd, volume
+from tests.storage.conftest import requires_root, stacked_loop_devices
+from tests.storage.domain_helpers import (
+    create_volume,
+    lvs_of,
+    make_pool,
+    new_id,
+)
+
+pytest_plugins = ["tests.storage.domain_fixtures"]
+
+pytestmark = requires_root
+
+MiB = 1024**2
+GiB = 1024**3
+
+
+def pvs_on(devices: list[str]) -> list[dict]:
+    """PVs on devices as lvm2 reports them (empty once labels are wiped)."""
+    config = lvm.LVM(devices, activation=False).config()
+    out = commands.run(
+        ["lvm", "pvs", "--config", config, "--reportformat", "json", "-o", "pv_name,vg_name"],
+        env={"LVM_SUPPRESS_FD_WARNINGS": "1"},
+    ).stdout
+    return json.loads(out)["report"][0]["pv"]
+
+
+def test_create_makes_vg_and_special_lvs(api, block_domain_factory):
+    sd_id = block_domain_factory(api, name="blockdom", pv_count=2)
+    dom = api.cache.get(sd_id)
+    vg = dom.lvm.vg_info(sd_id)
+    assert block_sd.VG_TAG in vg.tags
+    assert vg.extent_size == 4 * MiB
+    lvs = lvs_of(api, sd_id)
+    assert set(lvs) == set(block_sd.SPECIAL_LVS)
+    for lv in lvs.values():
+        # Loop activation maps each LV as one range.
+        assert len(lvm.merged_segments(lv.segments)) == 1
+    info = api.storage_domain_get_info(sd_id)
+    assert info["uuid"] == sd_id
+    assert info["name"] == "blockdom"
+    assert info["type"] == "block"
+    assert info["role"] == "Regular"
+    assert info["pool"] == []
+    assert info["vgname"] == sd_id
+    assert info["devices"] == dom.manifest.devices
+    stats = api.storage_domain_get_stats(sd_id)
+    assert stats["disktotal"] == vg.extent_size * vg.extent_count
+    assert stats["diskfree"] == vg.extent_size * vg.free_count
+    assert api.storage_domain_get_images(sd_id) == []
+
+
+def test_domain_metadata_in_metadata_lv(api, block_domain_factory):
+    sd_id = block_domain_factory(api, name="x")
+    dom = api.cache.get(sd_id)
+    dev = dom.activation.active_path(sd_id, "metadata")
+    assert dev is not None
+    with open(dev, "rb") as f:
+        head = f.read(block_sd.DOMAIN_MD_SIZE)
+    text = head.rstrip(b"\0").decode()
+    lines = text.splitlines()
+    assert lines[-1] == "EOF"
+    fields = dict(line.split("=", 1) for line in lines[:-1])
+    assert fields["SDUUID"] == sd_id
+    assert fields["TYPE"] == "BLOCK"
+    assert fields["NAME"] == "x"
+
+
+def test_volume_lv_tags_and_slot(api, block_domain_factory):
+    sd_id = block_domain_factory(api)
+    pool_id = make_pool(api, sd_id)
+    img, base, top = new_id(), new_id(), new_id()
+    create_volume(api, pool_id, sd_id, img, base, 20 * MiB, volume.RAW, volume.PREALLOCATED)
+    create_volume(api, pool_id, sd_id, img, top, 40 * MiB, parent=base)
+    lvs = lvs_of(api, sd_id)
+    assert set(lvs[base].tags) >= {f"IU_{img}", f"PU_{volume.BLANK_UUID}", "MD_0"}
+    assert set(lvs[top].tags) >= {f"IU_{img}", f"PU_{base}", "MD_1"}
+    # RAW: its capacity in whole extents; COW: one chunk (8 MiB here).
+    assert lvs[base].size == 20 * MiB
+    assert lvs[top].size == 8 * MiB
+    # Each reservation holds the volume's maximum size.
+    assert "RS_5" in lvs[base].tags
+    assert "RS_11" in lvs[top].tags  # ceil(40 MiB * 1.1 / 4 MiB)
+    dom = api.cache.get(sd_id)
+    dev = dom.activation.active_path(sd_id, "metadata")
+    with open(dev, "rb") as f:
+        f.seek(block_sd.SLOT_BASE + block_sd.SLOT_SIZE)
+        slot = f.read(block_sd.SLOT_SIZE)
+    md = volume.Metadata.parse(slot, top)
+    assert md.parent == base
+    assert md.capacity == 40 * MiB
+    assert api.storage_domain_get_images(sd_id) == [img]
+
+
+def test_next_volume_skips_reservations(api, block_domain_factory):
+    sd_id = block_domain_factory(api)
+    pool_id = make_pool(api, sd_id)
+    img1, img2, v1, v2 = new_id(), new_id(), new_id(), new_id()
+    create_volume(api, pool_id, sd_id, img1, v1, 40 * MiB)
+    create_volume(api, pool_id, sd_id, img2, v2, 40 * MiB)
+    lvs = lvs_of(api, sd_id)
+    first = lvm.merged_segments(lvs[v1].segments)[0]
+    second = lvm.merged_segments(lvs[v2].segments)[0]
+    assert second.first_pe >= first.first_pe + 11
+
+
+def test_create_twice_refused(api, block_domain_factory):
+    sd_id = block_domain_factory(api)
+    devices = api.cache.get(sd_id).manifest.devices
+    before = lvs_of(api, sd_id)
+    with pytest.raises(errors.StorageDomainAlreadyExists):
+        api.storage_domain_create(sd_id, sd.BLOCK, {"devices": devices}, "again")
+    assert lvs_of(api, sd_id).keys() == before.keys()
+
+
+def test_devices_of_another_domain_refused(api, block_domain_factory):
+    sd_id = block_domain_factory(api)
+    devices = api.cache.get(sd_id).manifest.devices
+    other = new_id()
+    with pytest.raises(errors.StorageDomainCreationError):
+        api.storage_domain_create(other, sd.BLOCK, {"devices": devices}, "other")
+    assert [pv["vg_name"] for pv in pvs_on(devices)] == [sd_id]
+
+
+def test_device_in_use_by_a_foreign_vg_refused(api, vg_factory):
+    foreign = vg_factory()
+    with pytest.raises(errors.StorageDomainCreationError):
+        api.storage_domain_create(new_id(), sd.BLOCK, {"devices": foreign.devices}, "x")
+    assert [pv["vg_name"] for pv in pvs_on(foreign.devices)] == [foreign.name]
+
+
+def test_not_a_block_device_refused(api, storage_tmpdir):
+    path = os.path.join(storage_tmpdir, "plain-file")
+    with open(path, "wb") as f:
+        f.truncate(GiB)
+    sd_id = new_id()
+    with pytest.raises(errors.StorageDomainCreationError):
+        api.storage_domain_create(sd_id, sd.BLOCK, {"devices": [path]}, "x")
+    with pytest.raises(errors.StorageDomainCreationError):
+        api.storage_domain_create(sd_id, sd.BLOCK, {"devices": ["/dev/no-such-dev"]}, "x")
+    with pytest.raises(errors.StorageDomainDoesNotExist):
+        api.storage_domain_get_info(sd_id)
+
+
+def test_too_small_device_leaves_nothing(api, loop_device_factory):
+    dev = loop_device_factory(24 * MiB)
+    sd_id = new_id()
+    with pytest.raises(errors.Error):
+        api.storage_domain_create(sd_id, sd.BLOCK, {"devices": [dev]}, "small")
+    assert pvs_on([dev]) == []
+    assert stacked_loop_devices(dev) == []
+    with pytest.raises(errors.StorageDomainDoesNotExist):
+        api.storage_domain_get_info(sd_id)
+
+
+def test_format_removes_vg_and_labels(api, block_domain_factory):
+    sd_id = block_domain_factory(api, pv_count=2)
+    devices = api.cache.get(sd_id).manifest.devices
+    pool_id = make_pool(api, sd_id)
+    create_volume(api, pool_id, sd_id, new_id(), new_id(), 16 * MiB)
+    with pytest.raises(errors.CannotFormatAttachedStorageDomain):
+        api.storage_domain_format(sd_id)
+    api.storage_pool_destroy(pool_id)
+    assert api.storage_domain_format(sd_id) is True
+    assert pvs_on(devices) == []
+    for dev in devices:
+        assert stacked_loop_devices(dev) == []
+    with pytest.raises(errors.StorageDomainDoesNotExist):
+        api.storage_domain_get_info(sd_id)
+    # The devices can make a new domain.
+    api.storage_domain_create(new_id(), sd.BLOCK, {"devices": devices}, "again")
+
+
+def test_domain_found_after_restart(api_factory, block_domain_factory):
+    first = api_factory()
+    sd_id = block_domain_factory(first, name="persistent")
+    first.close()
+    second = api_factory()
+    assert second.storage_domain_get_info(sd_id)["name"] == "persistent"
+
+
+class TestMasterStore:
+    @pytest.fixture
+    def store(self, api, block_domain_factory):
+        sd_id = block_domain_factory(api)
+        dom = api.cache.get(sd_id)
+        _, store = dom.task_store()
+        return store
+
+    def test_write_read_replace_unlink(self, store):
+        assert store.listdir("tasks") == []
+        store.write_file_atomic("tasks/a.task", b"one")
+        store.write_file_atomic("tasks/b.task", b"two" * 1000)
+        store.write_file_atomic("tasks/a.task", b"three")
+        assert store.listdir("tasks") == ["a.task", "b.task"]
+        assert store.read_file("tasks/a.task") == b"three"
+        assert store.read_file("tasks/b.task") == b"two" * 1000
+        store.unlink("tasks/a.task")
+        with pytest.raises(FileNotFoundError):
+            store.read_file("tasks/a.task")
+        with pytest.raises(FileNotFoundError):
+            store.unlink("tasks/a.task")
+
+    def test_records_survive_a_new_store(self, store):
+        store.write_file_atomic("x.task", b"first")
+        store.write_file_atomic("x.task", b"second")
+        fresh = block_sd.MasterStore(store.device, store.oop)
+        assert fresh.listdir("") == ["x.task"]
+        assert fresh.read_file("x.task") == b"second"
+
+    def test_newer_copy_wins_after_crash_between_writes(self, store):
+        store.write_file_atomic("x.task", b"old")
+        slot, seq = store._index["x.task"]
+        # A crash after writing the new copy, before clearing the old one:
+        # write the new copy by hand into another slot.
+        data = b"new"
+        header = b"LSMF1 x.task %d %d %d\n" % (seq + 1, len(data), __import__("zlib").crc32(data))
+        block = header + data
+        block += b"\0" * (512 - len(block))
+        store.oop.write_direct(store.device, (slot + 5) * block_sd.STORE_SLOT, block)
+        fresh = block_sd.MasterStore(store.device, store.oop)
+        assert fresh.read_file("x.task") == b"new"
+
+    def test_torn_record_is_ignored(self, store):
+        store.write_file_atomic("x.task", b"good")
+        slot, _ = store._index["x.task"]
+        raw = bytearray(store.oop.read_direct(store.device, slot * block_sd.STORE_SLOT, 512))
+        raw[raw.index(b"good")] = ord("X")
+        store.oop.write_direct(store.device, slot * block_sd.STORE_SLOT, bytes(raw))
+        fresh = block_sd.MasterStore(store.device, store.oop)
+        assert fresh.listdir("") == []
+
+    def test_too_big_record_refused(self, store):
+        with pytest.raises(OSError):
+            store.write_file_atomic("big.task", b"x" * block_sd.STORE_SLOT)
+        assert store.listdir("") == []
