@@ -310,3 +310,54 @@ def own_extents(path: str, fmt: str = qemuimg.QCOW2) -> list[tuple[int, int, boo
 def data_extents(path: str, fmt: str) -> list[tuple[int, int]]:
     """(start, length) of the ranges of a layer that hold data."""
     return [(s, n) for s, n, data, _ in own_extents(path, fmt) if data]
+
+
+def qemu_img_pids(path_part: str) -> list[int]:
+    """Pids of running qemu-img processes whose command line mentions path_part."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"qemu-img" and any(
+            path_part.encode() in a for a in argv
+        ):
+            pids.append(int(name))
+    return pids
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode() for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def check_layers(env: Env, chain: Chain, dst: str, vol_ids: list[str]) -> None:
+    """Each of vol_ids on dst reads like the source (with its chain) and
+    holds what the source layer holds: same clusters (COW), same data or
+    less, zeros left out (a RAW base)."""
+    top = max(chain.vol_ids.index(v) for v in vol_ids)
+    top_id = chain.vol_ids[top]
+    with env.prepared_chain(chain.sd_id, chain.img_id, top_id) as src_paths, \
+            env.prepared_chain(dst, chain.img_id, top_id) as dst_paths:
+        for vol_id in vol_ids:
+            i = chain.vol_ids.index(vol_id)
+            layer = chain.layers[i]
+            fmt = qemuimg_format(layer.format)
+            assert qemuimg.compare(src_paths[i], dst_paths[i], fmt, fmt), vol_id
+            if layer.format == volume.COW:
+                assert own_extents(dst_paths[i]) == own_extents(src_paths[i]), vol_id
+                report = qemuimg.check(dst_paths[i], force_share=True)
+                assert report["check-errors"] == 0 and "corruptions" not in report
+            elif env.dom(dst).domain_type == sd.FILE:
+                src_data = data_extents(src_paths[i], fmt)
+                for start, length in data_extents(dst_paths[i], fmt):
+                    assert (start, length) == (0, 4096) or any(
+                        s <= start and start + length <= s + n for s, n in src_data
+                    ), (start, length, src_data)
