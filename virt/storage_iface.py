@@ -3,8 +3,8 @@
 virt never touches domains, volumes or LVs itself: it asks for a prepared
 volume (its path and the chain below it, reachable through the prepare
 links), gives the reference back when done, and later asks for extensions.
-The daemon passes an object with these methods; :class:`ImageAPIStorage`
-adapts storage's API provider (``image_prepare`` / ``image_teardown``).
+The daemon passes an object with these methods: storage's API provider
+(``storage.api.StorageAPI``) has them (``prepare``, ``teardown``).
 
 Errors: storage raises its own coded errors (subclasses of
 ``rpc.errors.Error``, e.g. VolumeDoesNotExist); virt lets them through to the
@@ -28,20 +28,3 @@ class Storage(Protocol):
     def teardown(self, pool_id: str, sd_id: str, img_id: str, vol_id: str) -> None:
         """Release one reference taken by prepare."""
         ...
-
-
-class ImageAPIStorage:
-    """Storage over storage's API provider (Image.prepare / Image.teardown verbs)."""
-
-    def __init__(self, provider: Any) -> None:
-        self._provider = provider
-
-    def prepare(self, pool_id: str, sd_id: str, img_id: str, vol_id: str) -> dict[str, Any]:
-        return self._provider.image_prepare(
-            storagepool_id=pool_id, storagedomain_id=sd_id, image_id=img_id, volume_id=vol_id
-        )
-
-    def teardown(self, pool_id: str, sd_id: str, img_id: str, vol_id: str) -> None:
-        self._provider.image_teardown(
-            storagepool_id=pool_id, storagedomain_id=sd_id, image_id=img_id, volume_id=vol_id
-        )

@@ -1,9 +1,10 @@
 """A throwaway "daemon" for the kill -9 test: it creates a VM, then waits to die.
 
-    python -m tests.virt.agent '{"root": ..., "pool_id": ..., "sd_id": ...,
-                                 "vm_id": ..., "params": {...}, "snapshot": [...]}'
+    python -m tests.virt.agent '{"run_dir": ..., "vm_id": ..., "params": {...},
+                                 "snapshot": [...]}'
 
-prints ``READY`` once the VM runs (and the optional snapshot is taken).
+Its storage reconnects the pool recorded in run_dir (as a restarted daemon
+does); it prints ``READY`` once the VM runs and the optional snapshot is taken.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import logging
 import sys
 import time
 
-from tests.virt import filestore
+from storage import api as storage_api
+from tests.virt import storage_env
 from virt import api as virt_api
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     spec = json.loads(sys.argv[1])
-    store = filestore.FileStore(spec["root"], spec["pool_id"], spec["sd_id"])
-    api = virt_api.API(store, virt_api.Config(accel="tcg"))
+    storage = storage_api.StorageAPI(spec["run_dir"], **storage_env.PROVIDER_OPTIONS)
+    storage.recover()
+    api = virt_api.API(storage, virt_api.Config(accel="tcg"))
     api.start()
     api.vm_create(spec["vm_id"], spec["params"])
     if spec.get("snapshot"):

@@ -1,4 +1,4 @@
-"""Fixtures for virt tests: real libvirtd, the real test guest under TCG, real images.
+"""Fixtures for virt tests: real libvirtd, the real test guest under TCG, real storage.
 
 Every domain a test creates is named ``lsmtest-virt-*`` and its UUID is
 recorded; teardown destroys those domains through a connection of its own,
@@ -22,7 +22,8 @@ import pytest
 
 from contrib import guest
 from contrib.guest import verifier
-from tests.virt import filestore
+from storage import sd
+from tests.virt import storage_env
 from virt import api as virt_api
 from virt import connection
 
@@ -53,12 +54,33 @@ def workdir() -> Iterator[str]:
 
 
 @pytest.fixture
-def store(workdir: str) -> Iterator[filestore.FileStore]:
-    s = filestore.FileStore(os.path.join(workdir, "store"))
+def file_env(workdir: str, domains: list[str]) -> Iterator[storage_env.StorageEnv]:
+    """A pool with one file domain; this host is SPM."""
+    yield from _env(workdir, domains, sd.FILE)
+
+
+@pytest.fixture
+def block_env(workdir: str, domains: list[str]) -> Iterator[storage_env.StorageEnv]:
+    """A pool with one block domain on a loop device (loop activation here)."""
+    yield from _env(workdir, domains, sd.BLOCK)
+
+
+@pytest.fixture(params=[sd.FILE, sd.BLOCK])
+def any_env(
+    request: pytest.FixtureRequest, workdir: str, domains: list[str]
+) -> Iterator[storage_env.StorageEnv]:
+    """Each test runs once on a file domain and once on a block domain."""
+    yield from _env(workdir, domains, request.param)
+
+
+def _env(workdir: str, domains: list[str], domain_type: str) -> Iterator[storage_env.StorageEnv]:
+    env, cleanup = storage_env.make_env(workdir, domain_type)
     try:
-        yield s
+        yield env
     finally:
-        s.cleanup()
+        # QEMU must let go of the volumes before they are deactivated.
+        destroy_domains(domains)
+        cleanup()
 
 
 @pytest.fixture
@@ -110,8 +132,8 @@ def make_api(domains: list[str]) -> Iterator[Callable[[Any], virt_api.API]]:
 
 
 @pytest.fixture
-def api(make_api: Callable[[Any], virt_api.API], store: filestore.FileStore) -> virt_api.API:
-    return make_api(store)
+def api(make_api: Callable[[Any], virt_api.API], file_env: storage_env.StorageEnv) -> virt_api.API:
+    return make_api(file_env)
 
 
 @dataclasses.dataclass
@@ -162,12 +184,3 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
-
-
-def new_image(
-    store: filestore.FileStore, size: int = 64 * MiB, block_size: int | None = None
-) -> tuple[str, str]:
-    """A one-volume COW image; returns (image id, volume id)."""
-    img_id, vol_id = str(uuid.uuid4()), str(uuid.uuid4())
-    store.create(img_id, vol_id, size, "COW", block_size=block_size)
-    return img_id, vol_id

@@ -95,11 +95,11 @@ def foreign_domains(ours: list[str]) -> list[str]:
 
 
 @pytest.mark.guest
-def test_events_arrive_after_libvirtd_restart(api, store, vm_params, domains):
+def test_events_arrive_after_libvirtd_restart(api, file_env, vm_params, domains):
     if os.path.exists("/run/systemd/system"):
         pytest.skip("libvirtd is a systemd unit here; not restarting it under systemd")
-    img, vol = conftest.new_image(store)
-    g = vm_params([store.drive(img, vol)], rate=20)
+    img, vol = file_env.new_image()
+    g = vm_params([file_env.drive(img, vol)], rate=20)
     others = foreign_domains(domains)
     if others:
         pytest.skip(f"other domains are running, not restarting libvirtd under them: {others}")
@@ -124,12 +124,12 @@ def test_events_arrive_after_libvirtd_restart(api, store, vm_params, domains):
 
 
 @pytest.mark.guest
-def test_calls_survive_libvirtd_restart_without_events(api, store, vm_params, domains):
+def test_calls_survive_libvirtd_restart_without_events(api, file_env, vm_params, domains):
     # Even before the reconnect thread runs, a verb reopens the connection.
     if os.path.exists("/run/systemd/system"):
         pytest.skip("libvirtd is a systemd unit here; not restarting it under systemd")
-    img, vol = conftest.new_image(store)
-    g = vm_params([store.drive(img, vol)], rate=20)
+    img, vol = file_env.new_image()
+    g = vm_params([file_env.drive(img, vol)], rate=20)
     others = foreign_domains(domains)
     if others:
         pytest.skip(f"other domains are running, not restarting libvirtd under them: {others}")
@@ -148,4 +148,4 @@ def test_calls_survive_libvirtd_restart_without_events(api, store, vm_params, do
             time.sleep(0.2)
     assert stats["disks"]["vda"]["volumeID"] == vol
     api.vm_destroy(g.vm_id)
-    assert store.held() == {}
+    assert file_env.held() == {}

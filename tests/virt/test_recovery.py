@@ -25,28 +25,29 @@ MiB = conftest.MiB
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def two_volume_image(store) -> tuple[str, str, str]:
+def two_volume_image(env) -> tuple[str, str, str]:
     img, base, leaf = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
-    store.create(img, base, 64 * MiB, "COW")
-    store.create(img, leaf, 64 * MiB, "COW", parent=base)
+    env.create(img, base, 64 * MiB, "COW", initial_size=32 * MiB)
+    env.create(img, leaf, 64 * MiB, "COW", parent=base, initial_size=32 * MiB)
     return img, base, leaf
 
 
-def snap(store, img, base, leaf):
-    return [{"domainID": store.sd_id, "imageID": img, "baseVolumeID": base, "volumeID": leaf}]
+def snap(env, img, base, leaf):
+    return [{"domainID": env.sd_id, "imageID": img, "baseVolumeID": base, "volumeID": leaf}]
 
 
-def test_restarted_daemon_recovers_vm(make_api, store, vm_params):
-    img, base, leaf = two_volume_image(store)
-    first = make_api(store)
-    g = vm_params([store.drive(img, base)], rate=20)
+def test_restarted_daemon_recovers_vm(make_api, file_env, vm_params):
+    env = file_env
+    img, base, leaf = two_volume_image(env)
+    first = make_api(env)
+    g = vm_params([env.drive(img, base)], rate=20)
     first.vm_create(g.vm_id, g.params)
-    first.vm_snapshot(g.vm_id, snap(store, img, base, leaf))
+    first.vm_snapshot(g.vm_id, snap(env, img, base, leaf))
     g.wait_acks(10)
     first.stop()  # the daemon goes away; the VM keeps running
 
-    store2 = store.reopen()
-    second = make_api(store2)
+    env2 = env.restart()
+    second = make_api(env2)
 
     assert second.host_get_vm_list() == [{"vmId": g.vm_id, "status": vm_mod.UP}]
     stats = second.vm_get_stats(g.vm_id)
@@ -54,26 +55,28 @@ def test_restarted_daemon_recovers_vm(make_api, store, vm_params):
     assert stats["vmName"] == g.params["vmName"]
     assert disk["volumeID"] == leaf
     assert disk["volumeChain"] == [
-        {"volumeID": base, "path": store.link_path(img, base)},
-        {"volumeID": leaf, "path": store.link_path(img, leaf)},
+        {"volumeID": base, "path": env.link_path(img, base)},
+        {"volumeID": leaf, "path": env.link_path(img, leaf)},
     ]
-    # The references the VM held are taken again, once each.
-    assert store2.held() == {base: 2, leaf: 1}
+    # The references the VM held are taken again, once each (base is in
+    # both prepared chains).
+    assert env2.held() == {base: 2, leaf: 1}
     # Undisturbed: the guest kept writing.
     acks = g.acks()
     g.wait_acks(acks + 5)
 
     second.vm_destroy(g.vm_id)
-    assert store2.held() == {}
+    assert env2.held() == {}
     assert second.host_get_vm_list() == []
 
 
-def test_recovery_follows_live_chain_when_metadata_lags(make_api, store, vm_params):
+def test_recovery_follows_live_chain_when_metadata_lags(make_api, file_env, vm_params):
     # The daemon died after libvirt switched to the new leaf but before the
     # metadata was written: the live domain XML wins.
-    img, base, leaf = two_volume_image(store)
-    first = make_api(store)
-    g = vm_params([store.drive(img, base)], rate=20)
+    env = file_env
+    img, base, leaf = two_volume_image(env)
+    first = make_api(env)
+    g = vm_params([env.drive(img, base)], rate=20)
     first.vm_create(g.vm_id, g.params)
     stale = [
         drive_mod.Drive(
@@ -89,18 +92,22 @@ def test_recovery_follows_live_chain_when_metadata_lags(make_api, store, vm_para
         )
         for d in first.get_vm(g.vm_id).drives
     ]
-    first.vm_snapshot(g.vm_id, snap(store, img, base, leaf))
+    first.vm_snapshot(g.vm_id, snap(env, img, base, leaf))
     first.get_vm(g.vm_id).call(lambda dom: metadata.write(dom, stale))
     first.stop()
 
-    second = make_api(store.reopen())
+    env2 = env.restart()
+    second = make_api(env2)
 
     disk = second.vm_get_stats(g.vm_id)["disks"]["vda"]
     assert disk["volumeID"] == leaf
     assert [v["volumeID"] for v in disk["volumeChain"]] == [base, leaf]
+    # The new leaf's reference is taken again too, so destroy releases all.
+    second.vm_destroy(g.vm_id)
+    assert env2.held() == {}
 
 
-def test_foreign_domains_are_not_recovered(make_api, store, domains):
+def test_foreign_domains_are_not_recovered(make_api, file_env, domains):
     conn = conftest.libvirt_connection()
     vm_id = str(uuid.uuid4())
     domains.append(vm_id)
@@ -115,22 +122,22 @@ def test_foreign_domains_are_not_recovered(make_api, store, domains):
     finally:
         conn.close()
 
-    api = make_api(store)
+    api = make_api(file_env)
 
     assert vm_id not in [v["vmId"] for v in api.host_get_vm_list()]
 
 
-def test_kill_9_daemon_then_recover(make_api, store, vm_params):
-    img, base, leaf = two_volume_image(store)
-    g = vm_params([store.drive(img, base)], count=300, rate=30, poweroff=True)
+def test_kill_9_daemon_then_recover(make_api, any_env, vm_params):
+    env = any_env
+    img, base, leaf = two_volume_image(env)
+    g = vm_params([env.drive(img, base)], count=300, rate=30, poweroff=True)
     spec = {
-        "root": store.root,
-        "pool_id": store.pool_id,
-        "sd_id": store.sd_id,
+        "run_dir": env.run_dir,
         "vm_id": g.vm_id,
         "params": g.params,
-        "snapshot": snap(store, img, base, leaf),
+        "snapshot": snap(env, img, base, leaf),
     }
+    env.close()  # the daemon that made the volumes stops; the agent takes over
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.virt.agent", json.dumps(spec)],
         cwd=REPO,
@@ -147,18 +154,19 @@ def test_kill_9_daemon_then_recover(make_api, store, vm_params):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
-    store2 = store.reopen()
-    api = make_api(store2)
+    env2 = env.reopen()
+    api = make_api(env2)
 
     assert api.host_get_vm_list() == [{"vmId": g.vm_id, "status": vm_mod.UP}]
     disk = api.vm_get_stats(g.vm_id)["disks"]["vda"]
     assert [v["volumeID"] for v in disk["volumeChain"]] == [base, leaf]
+    assert env2.held() == {base: 2, leaf: 1}
     # Events reach the recovered VM: the guest powers off after its writes.
     g.wait_acks(300, timeout=180)
     conftest.wait_for(lambda: api.get_vm(g.vm_id).status == vm_mod.DOWN, 60, "guest poweroff")
-    assert verifier.verify(g.serial_log, store.link_path(img, leaf), "qcow2").lost == 0
+    assert verifier.verify(g.serial_log, env.link_path(img, leaf), "qcow2").lost == 0
     api.vm_destroy(g.vm_id)
-    assert store2.held() == {}
+    assert env2.held() == {}
 
 
 def _wait_ready(proc: subprocess.Popen, timeout: float) -> None:
