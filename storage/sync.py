@@ -18,7 +18,7 @@ data.  A RAW base on a block domain is copied whole, since an LV is not
 known to read as zeros.
 
 Progress (0-100) is qemu-img's own, weighted across layers by what each
-layer holds (``qemu-img measure`` of the layer).  A destination volume
+layer takes on storage (a file's allocation, an LV's size).  A destination volume
 becomes LEGAL once its copy is complete: after ``ALL`` every volume is
 LEGAL, after ``INTERNAL`` the leaf stays ILLEGAL until the pivot.
 
@@ -159,7 +159,7 @@ class SyncJob:
                     self.images.prepared(dst, self.img_id, top_id, allow_illegal=True) as dst_prep:
                 src_paths = [e["path"] for e in src_prep["chain"]]
                 dst_paths = [e["path"] for e in dst_prep["chain"]]
-                weights = [_weight(src_paths[i], src_chain[i][1]) for i in indexes]
+                weights = [_weight(src, self.img_id, src_chain[i][0]) for i in indexes]
                 total = float(sum(weights))
                 done = 0.0
                 for i, weight in zip(indexes, weights, strict=True):
@@ -236,12 +236,12 @@ class SyncJob:
         )
 
 
-def _weight(path: str, md: volume.Metadata) -> int:
-    """What copying this layer costs, for the progress: its measured size."""
-    fmt = volume.QEMU_FORMAT[md.format]
+def _weight(dom: sd.StorageDomain, img_id: str, vol_id: str) -> int:
+    """What copying this layer costs, for the progress: the bytes it takes
+    on storage (a file's allocation, an LV's size); no qemu-img run."""
     try:
-        required = qemuimg.measure(path, fmt=fmt, backing=False)["required"]
+        size = dom.manifest.volume_size(img_id, vol_id)[1]
     except errors.Error as e:
-        log.warning("Cannot measure path=%s, weighing by capacity: %s", path, e)
-        required = md.capacity
-    return max(int(required), MIN_WEIGHT)
+        log.warning("Cannot size volume sd=%s vol=%s: %s", dom.sd_id, vol_id, e)
+        size = 0
+    return max(int(size), MIN_WEIGHT)
