@@ -198,6 +198,14 @@ class ImageManager:
                 return self._refs[(sd_id, img_id, vol_id)] > 0
             return any(n > 0 and k[0] == sd_id and k[1] == img_id for k, n in self._refs.items())
 
+    def forget(self, sd_id: str, img_id: str, vol_id: str) -> None:
+        """Remove the link of a volume that no longer exists (a prepare left
+        by a crashed daemon); a volume holding references is left alone."""
+        with self._lock:
+            if self._refs[(sd_id, img_id, vol_id)] > 0:
+                return
+        self._unlink(sd_id, img_id, vol_id)
+
     def refs(self, sd_id: str, img_id: str, vol_id: str) -> int:
         with self._lock:
             return self._refs[(sd_id, img_id, vol_id)]

@@ -63,6 +63,9 @@ class CreateVolume:
                 initial_size=p.get("initial_size"),
                 on_allocated=self._mark_created,
             )
+            # Task.stop during the creation: undo it (rollback) rather than
+            # report success for a volume the caller gave up on.
+            ctx.check_abort()
         ctx.progress(100)
 
     def rollback(self, ctx: task.Context) -> None:
@@ -78,6 +81,8 @@ class CreateVolume:
             log.info("Rolling back creation sd=%s img=%s vol=%s",
                      p["sd_id"], p["img_id"], p["vol_id"])
             dom.remove_volume(p["img_id"], p["vol_id"], p.get("parent_id", volume.BLANK_UUID))
+            # A crashed daemon may have left the new volume linked.
+            self.provider.images.forget(p["sd_id"], p["img_id"], p["vol_id"])
 
 
 class DeleteVolume:
@@ -96,6 +101,7 @@ class DeleteVolume:
                 log.info("Volume already removed sd=%s vol=%s", p["sd_id"], p["vol_id"])
                 return
             dom.delete_volume(self.provider.images, p["img_id"], p["vol_id"])
+            self.provider.images.forget(p["sd_id"], p["img_id"], p["vol_id"])
         ctx.progress(100)
 
     def rollback(self, ctx: task.Context) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from storage import api as api_mod
 from storage import block_sd, sd
-from tests.storage.domain_helpers import new_id
+from tests.storage.domain_helpers import API_OPTIONS, new_id
 
 log = logging.getLogger("tests.storage.domains")
 
@@ -46,15 +46,7 @@ def api_factory(
 
     def make(name: str = "a", **kw: Any) -> api_mod.StorageAPI:
         run_dir = os.path.join(storage_tmpdir, f"run-{name}")
-        options = {
-            "chunk_mb": 8,
-            "cluster_lock_mode": "local",
-            "block_extent_size_mb": 4,
-            "oop_timeout": 60.0,
-            "task_workers": 4,
-            "resource_timeout": 60.0,
-        }
-        options.update(kw)
+        options = dict(API_OPTIONS, **kw)
         provider = api_mod.StorageAPI(run_dir, **options)
         made.append(provider)
         return provider

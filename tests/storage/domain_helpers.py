@@ -15,6 +15,16 @@ GiB = 1024**3
 BLANK = volume.BLANK_UUID
 TASK_TIMEOUT = 120.0
 
+# StorageAPI options of the tests: small extents and chunks, the local lock.
+API_OPTIONS: dict[str, Any] = {
+    "chunk_mb": 8,
+    "cluster_lock_mode": "local",
+    "block_extent_size_mb": 4,
+    "oop_timeout": 60.0,
+    "task_workers": 4,
+    "resource_timeout": 60.0,
+}
+
 
 def new_id() -> str:
     return str(uuid.uuid4())
@@ -76,9 +86,10 @@ def domain_state(provider: api_mod.StorageAPI, sd_id: str) -> Any:
     return [p for p in file_tree(dom.manifest.root) if not p.startswith("master/tasks/")]
 
 
-def qemu_io(path: str, fmt: str, command: str) -> str:
-    out = commands.run(["qemu-io", "-f", fmt, "-c", command, path], timeout=60)
-    return out.stdout.decode()
+def qemu_io(path: str, fmt: str, command: str, check: bool = True) -> str:
+    """qemu-io's output (stdout and stderr); raises CommandFailed if check."""
+    out = commands.run(["qemu-io", "-f", fmt, "-c", command, path], timeout=60, check=check)
+    return out.stdout.decode() + out.stderr.decode()
 
 
 def qemu_img_info(path: str) -> dict[str, Any]:
