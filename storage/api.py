@@ -249,6 +249,7 @@ class StorageAPI:
             attached = dom.manifest.pool_id()
             if attached:
                 raise errors.CannotFormatAttachedStorageDomain(sd_id=sd_id, pool_id=attached)
+            self._check_not_prepared(sd_id)
             dom.format()
             self.cache.forget(sd_id)
         log.info("Formatted storage domain sd=%s", sd_id)
@@ -267,6 +268,15 @@ class StorageAPI:
             raise errors.StorageDomainDoesNotExist(sd_id=sd_id, reason="metadata names another")
         self.cache.add(dom, args)
         log.info("Learned storage domain sd=%s type=%s args=%s", sd_id, domain_type, args)
+
+    def _check_not_prepared(self, sd_id: str) -> None:
+        """Refuse taking a domain away while this host uses its volumes."""
+        prepared = self.images.prepared_volumes(sd_id)
+        if prepared:
+            img_id, vol_id = prepared[0]
+            raise errors.VolumeIsBusy(
+                vol_id=vol_id, sd_id=sd_id, reason=f"prepared on this host (image {img_id})"
+            )
 
     def _check_devices_free(self, sd_id: str, devices: list[str]) -> None:
         for other in self.cache.known():
@@ -346,7 +356,9 @@ class StorageAPI:
         self, storagepool_id: str, storagedomain_id: str
     ) -> bool:
         with self._lock:
-            self.pool(storagepool_id).detach(storagedomain_id)
+            p = self.pool(storagepool_id)
+            self._check_not_prepared(storagedomain_id)
+            p.detach(storagedomain_id)
         return True
 
     def storage_pool_destroy(self, storagepool_id: str) -> bool:

@@ -17,14 +17,9 @@ Special LVs are activated while the domain is in use on this host (created,
 opened through the cache or connected in a pool) and deactivated when the
 pool disconnects or the domain is formatted.
 
-Sizes: LVs are whole extents.  A RAW volume is preallocated (its capacity);
-a COW volume starts at one chunk (or its initial size) and grows by
-extension.  In loop activation mode (no device-mapper) an LV must stay one
-contiguous range, so each volume is created at the start of a free range
-big enough for its *maximum* size (capacity, or capacity * 1.1 for COW) and
-the reservation is recorded in its ``RS_`` tag: later allocations skip the
-reserved extents, and :meth:`BlockDomain.extend_volume` grows the LV into
-the extents that follow it.  With device-mapper no reservation is made.
+Volume operations (sizes, allocation inside per-volume PE reservations in
+loop activation mode, extension, removal) are in :mod:`storage.block_volume`.
+The ``master`` LV stores SPM task records (:class:`MasterStore`).
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ import threading
 import zlib
 from typing import TYPE_CHECKING, Any
 
-from storage import activation, clusterlock, errors, lvm, qemuimg, sd, volume
+from storage import activation, block_volume, clusterlock, errors, lvm, sd, volume
 
 if TYPE_CHECKING:
     from storage import image
@@ -68,17 +63,9 @@ SLOT_SIZE = 8 * KiB
 # Slot size of the master LV's record store (SPM tasks).
 STORE_SLOT = 64 * KiB
 
-TAG_IMAGE = "IU_"
-TAG_PARENT = "PU_"
-TAG_SLOT = "MD_"
-TAG_RESERVED = "RS_"
-
-
-def _tag(lv: lvm.LV, prefix: str) -> str | None:
-    for tag in lv.tags:
-        if tag.startswith(prefix):
-            return tag[len(prefix):]
-    return None
+TAG_IMAGE = block_volume.TAG_IMAGE
+TAG_SLOT = block_volume.TAG_SLOT
+_tag = block_volume.tag
 
 
 def _pad(data: bytes, size: int) -> bytes:
@@ -252,28 +239,12 @@ class BlockDomain(sd.StorageDomain):
         self.lvm.vgremove(self.vg)
         self.lvm.pvremove(self.manifest.devices)
 
-    # Volumes.
+    # Volumes: the operations are in storage/block_volume.py.
 
     def check_create(
         self, fmt: str, prealloc: str, capacity: int, initial_size: int | None
     ) -> None:
-        if fmt == volume.RAW and prealloc == volume.SPARSE:
-            raise errors.IncorrectType(
-                type=prealloc, reason="RAW volumes on block domains must be PREALLOCATED"
-            )
-        vg = self.lvm.vg_info(self.vg)
-        size = self._initial_size(fmt, prealloc, capacity, initial_size)
-        needed = self._extents(self._reservation(fmt, capacity, size), vg.extent_size)
-        if self.activation_mode == "loop":
-            lvs = self.manifest.volume_lvs()
-            try:
-                self.lvm.find_free_range(self.vg, needed, reserved=self._reserved(lvs))
-            except errors.VolumeGroupSizeError as e:
-                raise errors.NoSpaceLeftOnDomain(sd_id=self.sd_id, reason=str(e)) from e
-        elif needed > vg.free_count:
-            raise errors.NoSpaceLeftOnDomain(
-                sd_id=self.sd_id, reason=f"needs {needed} extents, {vg.free_count} free"
-            )
+        block_volume.check_create(self, fmt, prealloc, capacity, initial_size)
 
     def activate_volume(self, img_id: str, vol_id: str) -> str:
         self.manifest.volume_lv(img_id, vol_id)
@@ -284,127 +255,22 @@ class BlockDomain(sd.StorageDomain):
 
     def volume_max_size(self, img_id: str, vol_id: str) -> int:
         """Most bytes the volume's LV may take (its reservation in loop mode)."""
-        lv = self.manifest.volume_lv(img_id, vol_id)
-        reserved = _tag(lv, TAG_RESERVED)
-        vg = self.lvm.vg_info(self.vg)
-        if reserved is not None and reserved.isdigit():
-            return int(reserved) * vg.extent_size
-        md = self.manifest.read_volume_metadata(img_id, vol_id)
-        return volume.round_up(volume.max_size(md.capacity, md.format), vg.extent_size)
+        return block_volume.max_size(self, img_id, vol_id)
 
     def extend_volume(self, img_id: str, vol_id: str, new_size: int) -> int:
-        """Grow the LV to hold new_size bytes (whole extents, at most its
-        maximum size); returns the LV's size.  Callers serialize per volume."""
-        lv = self.manifest.volume_lv(img_id, vol_id)
-        vg = self.lvm.vg_info(self.vg)
-        limit = self.volume_max_size(img_id, vol_id)
-        target = min(volume.round_up(new_size, vg.extent_size), limit)
-        if target <= lv.size:
-            return lv.size
-        extents = target // vg.extent_size
-        pv_range = None
-        if self.activation_mode == "loop":
-            seg = lvm.merged_segments(lv.segments)
-            if len(seg) != 1:
-                raise errors.LogicalVolumeNotContiguous(
-                    vg=self.vg, lv=vol_id, segments=" ".join(str(s) for s in seg)
-                )
-            first = seg[0].first_pe
-            pv_range = lvm.pv_range(seg[0].pv, seg[0].last_pe + 1, first + extents - 1)
-        log.info(
-            "Extending volume sd=%s img=%s vol=%s from=%d to=%d",
-            self.sd_id, img_id, vol_id, lv.size, target,
-        )
-        self.lvm.lvextend(self.vg, vol_id, extents, pv_range=pv_range)
-        return self.lvm.lv_info(self.vg, vol_id).size
-
-    def _initial_size(self, fmt: str, prealloc: str, capacity: int,
-                      initial_size: int | None) -> int:
-        if fmt == volume.RAW:
-            return capacity
-        if initial_size is not None:
-            return initial_size
-        if prealloc == volume.PREALLOCATED:
-            return volume.max_size(capacity, fmt)
-        return self.env.chunk_size
-
-    def _reservation(self, fmt: str, capacity: int, size: int) -> int:
-        if self.activation_mode != "loop":
-            return size
-        return max(size, volume.max_size(capacity, fmt))
-
-    @staticmethod
-    def _extents(size: int, extent_size: int) -> int:
-        return max(1, -(-size // extent_size))
+        """Grow the LV to hold new_size bytes (at most its maximum size)."""
+        return block_volume.extend(self, img_id, vol_id, new_size)
 
     def _allocate(self, img_id: str, vol_id: str, md: volume.Metadata,
                   initial_size: int | None) -> None:
-        vg = self.lvm.vg_info(self.vg)
-        size = self._initial_size(md.format, md.type, md.capacity, initial_size)
-        extents = self._extents(size, vg.extent_size)
-        reserve = max(extents, self._extents(self._reservation(md.format, md.capacity, size),
-                                             vg.extent_size))
-        lvs = self.manifest.volume_lvs()
-        tags = [
-            TAG_IMAGE + img_id,
-            TAG_PARENT + md.parent,
-            TAG_SLOT + str(self.manifest.free_slot(lvs)),
-        ]
-        pv_range = None
-        if self.activation_mode == "loop":
-            tags.append(TAG_RESERVED + str(reserve))
-            rng = self.lvm.find_free_range(self.vg, reserve, reserved=self._reserved(lvs))
-            pv_range = lvm.pv_range(rng.pv, rng.first_pe, rng.first_pe + extents - 1)
-        try:
-            self.lvm.lvcreate(self.vg, vol_id, extents, tags=tags, pv_range=pv_range)
-        except errors.VolumeGroupSizeError as e:
-            raise errors.NoSpaceLeftOnDomain(sd_id=self.sd_id, reason=str(e)) from e
-
-    def _reserved(self, lvs: dict[str, lvm.LV]) -> list[lvm.PERange]:
-        """Extents reserved behind each volume for its growth (loop mode)."""
-        result = []
-        for lv in lvs.values():
-            reserved = _tag(lv, TAG_RESERVED)
-            segs = lvm.merged_segments(lv.segments)
-            if reserved is None or not reserved.isdigit() or len(segs) != 1:
-                continue
-            result.append(lvm.PERange(segs[0].pv, segs[0].first_pe, int(reserved)))
-        return result
+        block_volume.allocate(self, img_id, vol_id, md, initial_size)
 
     def _create_data(self, images: image.ImageManager, img_id: str, vol_id: str,
                      md: volume.Metadata, cluster_size: int | None) -> None:
-        if md.format == volume.RAW:
-            # A preallocated LV is the volume; there is nothing to format.
-            return
-        backing = backing_fmt = None
-        if md.parent != sd.BLANK_UUID:
-            parent = self.manifest.read_volume_metadata(img_id, md.parent)
-            backing = md.parent
-            backing_fmt = volume.QEMU_FORMAT[parent.format]
-        # Prepared, the volume sits beside its parent chain's links, so
-        # qemu-img resolves (and checks) the bare-UUID backing reference.
-        with images.prepared(self, img_id, vol_id, allow_illegal=True) as prep:
-            qemuimg.create(
-                prep["path"],
-                "qcow2",
-                size=md.capacity,
-                backing=backing,
-                backing_fmt=backing_fmt,
-                cluster_size=cluster_size,
-            )
+        block_volume.create_data(self, images, img_id, vol_id, md, cluster_size)
 
     def _remove(self, img_id: str, vol_id: str) -> None:
-        try:
-            lv = self.lvm.lv_info(self.vg, vol_id)
-        except errors.LogicalVolumeDoesNotExistError:
-            return
-        if _tag(lv, TAG_IMAGE) != img_id:
-            raise errors.VolumeDoesNotExist(vol_id=vol_id, sd_id=self.sd_id)
-        slot = _tag(lv, TAG_SLOT)
-        self.activation.deactivate(self.vg, vol_id)
-        self.lvm.lvremove(self.vg, vol_id)
-        if slot is not None and slot.isdigit():
-            self.manifest.write_slot(int(slot), b"")
+        block_volume.remove(self, img_id, vol_id)
 
 
 class MasterStore:
@@ -583,7 +449,7 @@ def create(sd_id: str, devices: list[str], name: str, env: sd.Env) -> BlockDomai
 def _create_special_lvs(dom: BlockDomain) -> None:
     vg = dom.lvm.vg_info(dom.vg)
     for name, size in SPECIAL_SIZES.items():
-        extents = BlockDomain._extents(size, vg.extent_size)
+        extents = block_volume.extents(size, vg.extent_size)
         rng = dom.lvm.find_free_range(dom.vg, extents)
         dom.lvm.lvcreate(dom.vg, name, extents, pv_range=str(rng))
 

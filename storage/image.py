@@ -198,6 +198,11 @@ class ImageManager:
                 return self._refs[(sd_id, img_id, vol_id)] > 0
             return any(n > 0 and k[0] == sd_id and k[1] == img_id for k, n in self._refs.items())
 
+    def prepared_volumes(self, sd_id: str) -> list[tuple[str, str]]:
+        """(image, volume) of the domain's volumes holding references."""
+        with self._lock:
+            return sorted((k[1], k[2]) for k, n in self._refs.items() if n > 0 and k[0] == sd_id)
+
     def forget(self, sd_id: str, img_id: str, vol_id: str) -> None:
         """Remove the link of a volume that no longer exists (a prepare left
         by a crashed daemon); a volume holding references is left alone."""

@@ -20,9 +20,9 @@ A volume's metadata is a block of ``KEY=VALUE`` lines ending in ``EOF``
 Where it is stored is the domain's business (a ``.meta`` file on file
 domains, a slot of the ``metadata`` LV on block domains); this module only
 encodes, decodes and checks it.  :class:`VolumeManifest` reads and changes
-one volume's metadata through its domain manifest; creating and removing
-volume data is done by the domain (``StorageDomain``) and sequenced by
-:mod:`storage.volume_ops`-like functions in :mod:`storage.sd`.
+one volume's metadata through its domain manifest.  Creating and removing
+volumes is sequenced by :class:`storage.sd.StorageDomain` (metadata ILLEGAL,
+data, LEGAL), with the data side in ``file_sd`` and ``block_volume``.
 """
 
 from __future__ import annotations

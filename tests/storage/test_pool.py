@@ -268,3 +268,17 @@ def test_two_hosts(api_factory, domain_factory, domain_type):
         assert a.storage_pool_get_spm_status(pool_id)["spmId"] == 2
     assert b.task_get_status(task_id)["taskResult"] == "success"
     create_volume(b, pool_id, sd_id, img, new_id(), 16 * MiB, parent=vol)
+
+
+def test_detach_of_domain_in_use_refused(api, file_domain_factory):
+    master = file_domain_factory(api)
+    other = file_domain_factory(api)
+    pool_id = make_pool(api, master, [master, other])
+    img, vol = new_id(), new_id()
+    create_volume(api, pool_id, other, img, vol, 16 * MiB)
+    api.image_prepare(pool_id, other, img, vol)
+    with pytest.raises(errors.VolumeIsBusy):
+        api.storage_pool_detach_storage_domain(pool_id, other)
+    assert domain_md(api, other)["POOL_UUID"] == pool_id
+    api.image_teardown(pool_id, other, img, vol)
+    assert api.storage_pool_detach_storage_domain(pool_id, other) is True
