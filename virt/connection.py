@@ -278,8 +278,10 @@ class Connection:
 
     def _reconnect_loop(self) -> None:
         delay = self._reconnect_interval
-        while not self._closed:
+        while True:
             with self._lock:
+                if self._closed:
+                    return
                 conn = self._conn
                 if conn is not None and _alive(conn):
                     return
@@ -294,8 +296,6 @@ class Connection:
                     break
             time.sleep(delay)
             delay = min(delay * 2, self._max_reconnect_interval)
-        else:
-            return
         self._notify_reconnect()
 
     def _notify_reconnect(self) -> None:

@@ -41,7 +41,7 @@ def libvirt_connection() -> libvirt.virConnect:
 
 @pytest.fixture(scope="session")
 def guest_files() -> guest.Artifacts:
-    return guest.ensure_built()
+    return guest.ensure_built(os.environ.get("VDSM_LSM_GUEST_DIR", guest.DEFAULT_DIR))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -15,8 +16,9 @@ import pytest
 
 from contrib.guest import verifier
 from tests.virt import conftest
+from virt import api as virt_api
 from virt import drive as drive_mod
-from virt import metadata
+from virt import errors, metadata
 from virt import vm as vm_mod
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.guest]
@@ -179,3 +181,50 @@ def _wait_ready(proc: subprocess.Popen, timeout: float) -> None:
         if ready and proc.stdout.readline().strip() == b"READY":
             return
     raise TimeoutError("agent did not create its VM")
+
+
+def test_verbs_wait_for_recovery(make_api, file_env, vm_params):
+    # While recovery re-prepares the running VMs' volumes, the verbs answer
+    # RecoveryInProgress instead of a partial VM list.
+    env = file_env
+    img, vol = env.new_image()
+    first = make_api(env)
+    g = vm_params([env.drive(img, vol)], rate=20)
+    first.vm_create(g.vm_id, g.params)
+    first.stop()
+    env2 = env.restart()
+
+    class SlowStorage:
+        # Fault injection: storage that stalls until the test lets it go.
+        def __init__(self) -> None:
+            self.entered = threading.Event()
+            self.release = threading.Event()
+
+        def prepare(self, *ids):
+            self.entered.set()
+            assert self.release.wait(60)
+            return env2.prepare(*ids)
+
+        def teardown(self, *ids):
+            env2.teardown(*ids)
+
+    slow = SlowStorage()
+    second = virt_api.API(slow, virt_api.Config(libvirt_uri=conftest.URI, accel="tcg"))
+    starter = threading.Thread(target=second.start)
+    starter.start()
+    try:
+        assert slow.entered.wait(60)
+        with pytest.raises(errors.RecoveryInProgressError) as e:
+            second.host_get_vm_list()
+        assert e.value.name == "RecoveryInProgress"
+        with pytest.raises(errors.RecoveryInProgressError):
+            second.vm_get_stats(g.vm_id)
+    finally:
+        slow.release.set()
+        starter.join(60)
+    try:
+        assert second.host_get_vm_list() == [{"vmId": g.vm_id, "status": vm_mod.UP}]
+        second.vm_destroy(g.vm_id)
+        assert env2.held() == {}
+    finally:
+        second.stop()
