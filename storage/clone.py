@@ -168,6 +168,8 @@ class CloneJob:
             )
             for vol_id, parent in reversed(victims):
                 dst.remove_volume(self.img_id, vol_id, parent)
+                # A crashed run may have left the new volume linked.
+                self.images.forget(self.dst_id, self.img_id, vol_id)
             self.created = []
 
     # Internals.

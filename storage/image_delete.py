@@ -113,6 +113,7 @@ class DeleteJob:
                 ctx.check_abort()
                 md = mds[vol_id]
                 dom.remove_volume(self.img_id, vol_id, md.parent if md else sd.BLANK_UUID)
+                self.images.forget(self.sd_id, self.img_id, vol_id)  # a crash's stale link
                 ctx.progress(100.0 * (i + 1) / len(order))
         log.info("Deleted image sd=%s img=%s", self.sd_id, self.img_id)
 

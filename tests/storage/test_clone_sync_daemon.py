@@ -324,6 +324,8 @@ def test_kill9_during_a_clone_rolls_it_back_after_restart(
     assert status["taskResult"] == "cleanFailure"
     assert status["code"] in (code("TaskInterrupted"), "TaskInterrupted")
     assert site.volumes(dst, chain.img_id) == []
+    # No link of a removed volume is left under the run dir.
+    assert not os.path.exists(os.path.join(site.run_dir, "storage", dst, chain.img_id))
     site.call("Task.clear", taskID=task_id)
     # Nothing is left in the way: the clone can be done again.
     site.run(site.call("Image.cloneStructure", imageID=chain.img_id,
