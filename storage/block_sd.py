@@ -117,6 +117,7 @@ class BlockDomainManifest(sd.DomainManifest):
         return {lv.name: lv for lv in self.lvm.lvs(self.vg) if lv.name not in SPECIAL_LVS}
 
     def volume_lv(self, img_id: str, vol_id: str) -> lvm.LV:
+        sd.check_uuid(img_id, vol_id)
         try:
             lv = self.lvm.lv_info(self.vg, vol_id)
         except errors.LogicalVolumeDoesNotExistError as e:
@@ -154,6 +155,7 @@ class BlockDomainManifest(sd.DomainManifest):
         )
 
     def find_volume(self, vol_id: str) -> str | None:
+        sd.check_uuid(vol_id)
         try:
             lv = self.lvm.lv_info(self.vg, vol_id)
         except errors.LogicalVolumeDoesNotExistError:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import stat
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -40,11 +39,7 @@ MiB = 1024**2
 # Sizes of the special files (sparse).
 SPECIAL_SIZES = {"ids": 1 * MiB, "leases": 2 * MiB, "inbox": 1 * MiB, "outbox": 1 * MiB}
 
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def is_uuid(name: str) -> bool:
-    return bool(_UUID_RE.match(name))
+is_uuid = sd.is_uuid
 
 
 class FileDomainManifest(sd.DomainManifest):
@@ -62,9 +57,11 @@ class FileDomainManifest(sd.DomainManifest):
         return os.path.join(self.root, DOM_MD, name)
 
     def image_dir(self, img_id: str) -> str:
+        sd.check_uuid(img_id)
         return os.path.join(self.root, IMAGES, img_id)
 
     def volume_path(self, img_id: str, vol_id: str) -> str:
+        sd.check_uuid(vol_id)
         return os.path.join(self.image_dir(img_id), vol_id)
 
     def meta_path(self, img_id: str, vol_id: str) -> str:
@@ -101,6 +98,7 @@ class FileDomainManifest(sd.DomainManifest):
         return sorted(v for v in vols if is_uuid(v))
 
     def find_volume(self, vol_id: str) -> str | None:
+        sd.check_uuid(vol_id)
         pattern = os.path.join(self.root, IMAGES, "*", vol_id + "*")
         for path in self.oop.glob(pattern):
             name = os.path.basename(path)

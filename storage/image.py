@@ -26,12 +26,9 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from storage import errors, volume
-
-if TYPE_CHECKING:
-    from storage import sd
+from storage import errors, sd, volume
 
 log = logging.getLogger("storage.image")
 
@@ -40,6 +37,7 @@ Chain = list[tuple[str, volume.Metadata]]
 
 def chain(manifest: sd.DomainManifest, img_id: str, vol_id: str) -> Chain:
     """[(volUUID, metadata)] from the base to vol_id."""
+    sd.check_uuid(img_id, vol_id)
     mds = manifest.image_metadata(img_id)
     if not mds:
         raise errors.ImageDoesNotExistInSD(img_id=img_id, sd_id=manifest.sd_id)
@@ -50,6 +48,7 @@ def chain(manifest: sd.DomainManifest, img_id: str, vol_id: str) -> Chain:
 
 def image_chain(manifest: sd.DomainManifest, img_id: str) -> Chain:
     """The whole image, base to leaf; refuses an image that is not one chain."""
+    sd.check_uuid(img_id)
     mds = manifest.image_metadata(img_id)
     if not mds:
         raise errors.ImageDoesNotExistInSD(img_id=img_id, sd_id=manifest.sd_id)
@@ -110,9 +109,11 @@ class ImageManager:
     # Paths.
 
     def image_dir(self, sd_id: str, img_id: str) -> str:
+        sd.check_uuid(sd_id, img_id)
         return os.path.join(self.root, sd_id, img_id)
 
     def link_path(self, sd_id: str, img_id: str, vol_id: str) -> str:
+        sd.check_uuid(sd_id, img_id, vol_id)
         return os.path.join(self.root, sd_id, img_id, vol_id)
 
     # Prepare and teardown.

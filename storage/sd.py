@@ -23,11 +23,13 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from rpc import errors as rpc_errors
 from storage import errors, oop, volume
 
 if TYPE_CHECKING:
@@ -64,6 +66,22 @@ POOL_KEYS = (POOL_DESCRIPTION, POOL_DOMAINS, MASTER_VERSION, POOL_SPM_ID, POOL_S
 
 # Special files (file domain, under dom_md/) or LVs (block domain).
 SPECIAL_VOLUMES = ("metadata", "ids", "leases", "inbox", "outbox")
+
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def is_uuid(value: object) -> bool:
+    """A canonical lowercase UUID (what the schema passes on)."""
+    return isinstance(value, str) and bool(_UUID_RE.match(value))
+
+
+def check_uuid(*values: str) -> None:
+    """Refuse anything but UUIDs where they become paths or LV names
+    (the schema validates requests; this guards every other caller)."""
+    for value in values:
+        if not is_uuid(value):
+            raise rpc_errors.InvalidParams(reason=f"not a UUID: {value!r}")
 
 
 def dump_metadata(fields: dict[str, str]) -> bytes:
@@ -270,6 +288,7 @@ class StorageDomain:
         initial_size: int | None = None,
     ) -> volume.Metadata | None:
         """Refuse a creation that is invalid on its face; returns the parent's metadata."""
+        check_uuid(img_id, vol_id, parent_id)
         if fmt not in volume.FORMATS:
             raise errors.IncorrectFormat(format=fmt, reason="unknown format")
         if prealloc not in volume.TYPES:
@@ -362,6 +381,7 @@ class StorageDomain:
 
     def validate_delete(self, images: image.ImageManager, img_id: str, vol_id: str) -> None:
         """Refuse deleting a missing, prepared or non-leaf volume."""
+        check_uuid(img_id, vol_id)
         existing = self.manifest.image_metadata(img_id)
         if vol_id not in existing:
             raise errors.VolumeDoesNotExist(vol_id=vol_id, sd_id=self.sd_id)
@@ -420,6 +440,7 @@ class Registry:
         self._lock = threading.Lock()
 
     def _path(self, sd_id: str) -> str:
+        check_uuid(sd_id)
         return os.path.join(self.dir, f"{sd_id}.json")
 
     def add(self, sd_id: str, domain_type: str, args: dict[str, Any]) -> None:

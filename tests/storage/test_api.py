@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from rpc import errors as rpc_errors
 from storage import block_sd, errors, qemuimg
 from tests.storage.conftest import requires_root
 from tests.storage.domain_helpers import (
@@ -237,3 +238,28 @@ def test_kill_during_create_then_recovery(api_factory, domain_factory, storage_t
     # The interrupted creation can be retried.
     create_volume(restarted, pool_id, sd_id, img, vol, 32 * MiB, parent=base)
     assert restarted.task_clear(task_id) is True
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "not-a-uuid", "", "X" * 36])
+def test_ids_that_are_not_uuids_never_become_paths(api, spm, storage_tmpdir, bad):
+    """The schema refuses them first; the provider refuses them too, for its
+    other callers (virt, image verbs)."""
+    pool_id, sd_id = spm
+    img, vol = new_id(), new_id()
+    create_volume(api, pool_id, sd_id, img, vol, MiB)
+    before = domain_state(api, sd_id)
+    calls = [
+        lambda: api.storage_domain_get_info(bad),
+        lambda: api.volume_get_info(pool_id, sd_id, bad, vol),
+        lambda: api.volume_get_info(pool_id, sd_id, img, bad),
+        lambda: api.image_prepare(pool_id, sd_id, img, bad),
+        lambda: api.image_prepare(pool_id, sd_id, bad, vol),
+        lambda: api.volume_create(pool_id, sd_id, bad, new_id(), MiB, "COW", "SPARSE"),
+        lambda: api.volume_create(pool_id, sd_id, img, bad, MiB, "COW", "SPARSE", "", img, vol),
+        lambda: api.storage_domain_get_volumes(sd_id, pool_id, bad),
+    ]
+    for call in calls:
+        with pytest.raises(rpc_errors.InvalidParams):
+            call()
+    assert domain_state(api, sd_id) == before
+    assert not os.path.exists(os.path.join(storage_tmpdir, "etc"))
