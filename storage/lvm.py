@@ -197,6 +197,11 @@ class LVM:
 
     # Physical volumes
 
+    def pvs(self) -> dict[str, str]:
+        """Our devices that are PVs -> their VG name ("" when in no VG)."""
+        rows = self._report("pvs", "pv_name,vg_name", "pv", [])
+        return {row["pv_name"]: row.get("vg_name", "") for row in rows}
+
     def pvcreate(self, devices: Sequence[str], metadata_size: int | None = None) -> None:
         """Initialize devices as PVs (metadata_size in bytes)."""
         cmd = ["pvcreate"]

@@ -11,11 +11,12 @@ import logging
 import os
 from typing import Any
 
-import libvirt
-
 from rpc import dispatch, schema
+from storage import activation, clusterlock, image_ops, lvm
+from storage import api as storage_api
 from vdsm_lsm import config as config_mod
 from vdsm_lsm import host
+from virt import api as virt_api
 
 log = logging.getLogger("vdsm_lsm.app")
 
@@ -26,77 +27,49 @@ def load_schema() -> schema.Schema:
     return schema.Schema.load(SCHEMA_PATH)
 
 
-class LibvirtConnection:
-    """One libvirt connection, reopened when libvirtd went away."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self._conn: Any = None
-
-    def get(self) -> Any:
-        conn = self._conn
-        if conn is not None:
-            try:
-                if conn.isAlive():
-                    return conn
-            except libvirt.libvirtError:
-                pass
-            log.warning("libvirt connection lost, reconnecting uri=%s", self.uri)
-        self._conn = libvirt.open(self.uri)
-        log.info("Connected to libvirt uri=%s", self.uri)
-        return self._conn
-
-    def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except libvirt.libvirtError:
-                pass
-            self._conn = None
-
-
-def has_device_mapper() -> bool:
-    """True when the kernel has device-mapper.
-
-    /dev/mapper/control alone proves nothing: libdevmapper creates the node
-    even when the kernel lacks the driver, so ask the kernel.
-    """
-    try:
-        with open("/proc/misc") as f:
-            return any(line.split()[-1] == "device-mapper" for line in f if line.strip())
-    except OSError:
-        return False
-
-
 def effective_activation(mode: str) -> str:
     if mode != "auto":
         return mode
-    return "dm" if has_device_mapper() else "loop"
+    return "dm" if activation.dm_available() else "loop"
 
 
-def effective_cluster_lock(mode: str) -> str:
-    if mode != "auto":
-        return mode
-    return "sanlock" if os.path.exists("/run/sanlock/sanlock.sock") else "local"
+def lvm_users(devices: list[str]) -> dict[str, str]:
+    """Device -> "lvm:<VG>" for the devices that are LVM PVs."""
+    if not devices:
+        return {}
+    try:
+        pvs = lvm.LVM(devices, activation=False).pvs()
+    except Exception as e:  # a broken device must not break the listing
+        log.warning("Cannot list PVs: %s", e)
+        return {}
+    return {dev: f"lvm:{vg}" if vg else "lvm" for dev, vg in pvs.items()}
 
 
 class App:
     def __init__(self, cfg: config_mod.Config, api: schema.Schema | None = None) -> None:
         self.config = cfg
         self.schema = api or load_schema()
-        self.libvirt = LibvirtConnection(cfg.libvirt.uri)
-        self.dispatcher = dispatch.Dispatcher(self.schema)
-        self.host = host.HostAPI(self.libvirt.get, self.modes)
-        self.dispatcher.register(self.host)
+        self.storage = storage_api.StorageAPI.from_config(cfg)
+        self.image_ops = image_ops.ImageOps(self.storage, cfg.irs.copy_rate_limit_mb)
+        self.virt = virt_api.API(
+            self.storage, virt_api.Config(libvirt_uri=cfg.libvirt.uri, accel=cfg.vm.accel)
+        )
+        self.host = host.HostAPI(self.virt.connection.get, self.modes, lvm_users)
+        self.dispatcher = dispatch.Dispatcher(
+            self.schema, [self.host, self.storage, self.image_ops, self.virt]
+        )
 
-    def modes(self) -> dict[str, str]:
+    def modes(self) -> dict[str, Any]:
         return {
-            "clusterLock": effective_cluster_lock(self.config.sanlock.cluster_lock),
+            "clusterLock": clusterlock.resolve_mode(self.config.sanlock.cluster_lock),
             "activation": effective_activation(self.config.lvm.activation),
         }
 
     def start(self) -> None:
-        self.libvirt.get()
+        """Reconnect the pool this host was in, then recover running VMs."""
+        self.storage.recover()
+        self.virt.start()
 
     def stop(self) -> None:
-        self.libvirt.close()
+        self.virt.stop()
+        self.storage.close()

@@ -67,11 +67,11 @@ class HostAPI:
         self,
         libvirt_conn: Callable[[], Any],
         modes: Callable[[], dict[str, str]],
-        used_by: Callable[[], dict[str, str]] | None = None,
+        used_by: Callable[[list[str]], dict[str, str]] | None = None,
     ) -> None:
         self._libvirt_conn = libvirt_conn
         self._modes = modes
-        self._used_by = used_by or (lambda: {})
+        self._used_by = used_by or (lambda devices: {})
         self._static: dict[str, str] | None = None
 
     def host_ping2(self) -> bool:
@@ -100,9 +100,8 @@ class HostAPI:
         return dict(self._static)
 
     def host_get_device_list(self) -> list[dict[str, Any]]:
-        used_by = self._used_by()
         context = pyudev.Context()
-        devices = []
+        found = []
         for dev in context.list_devices(subsystem="block", DEVTYPE="disk"):
             node = dev.device_node
             if not node or dev.sys_name.startswith(("ram", "zram")):
@@ -110,14 +109,17 @@ class HostAPI:
             size = _sys_int(os.path.join(dev.sys_path, "size")) * 512
             if size == 0:
                 continue  # an unbound loop device, an empty drive
-            devices.append(
-                {
-                    "path": node,
-                    "size": size,
-                    "serial": _serial(dev),
-                    "usedBy": used_by.get(node) or _fs_type(dev),
-                }
-            )
+            found.append((node, size, dev))
+        used_by = self._used_by([node for node, _, _ in found])
+        devices = [
+            {
+                "path": node,
+                "size": size,
+                "serial": _serial(dev),
+                "usedBy": used_by.get(node) or _fs_type(dev),
+            }
+            for node, size, dev in found
+        ]
         devices.sort(key=lambda d: d["path"])
         return devices
 

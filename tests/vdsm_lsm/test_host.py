@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
+from storage import loop, lvm
 from vdsm_lsm import app
 
 
@@ -34,7 +36,21 @@ def test_device_list_has_real_devices(daemon):
         assert set(dev) == {"path", "size", "serial", "usedBy"}
 
 
-def test_device_mapper_detection_reads_the_kernel():
-    with open("/proc/misc") as f:
-        has_dm = "device-mapper" in f.read()
-    assert app.has_device_mapper() == has_dm
+def test_device_list_reports_lvm_users(daemon):
+    backing = tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="lsmtest-devlist-")
+    os.truncate(backing.name, 64 * 1024**2)
+    dev = loop.attach(backing.name)
+    lvm_ = lvm.LVM([dev], activation=False)
+    try:
+        lvm_.pvcreate([dev])
+        lvm_.vgcreate("lsmtest-devlist", [dev], extent_size_mb=4)
+        devices = {d["path"]: d for d in daemon.unix().call("Host.getDeviceList")}
+        assert devices[dev]["usedBy"] == "lvm:lsmtest-devlist"
+        assert devices[dev]["size"] == 64 * 1024**2
+    finally:
+        try:
+            lvm_.vgremove("lsmtest-devlist")
+            lvm_.pvremove([dev])
+        finally:
+            loop.detach(dev)
+            backing.close()
