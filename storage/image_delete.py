@@ -88,13 +88,15 @@ class DeleteJob:
     def __repr__(self) -> str:
         return f"<DeleteJob sd={self.sd_id} img={self.img_id}>"
 
-    def run(self, ctx: task.Context) -> None:
-        dom = self.domains(self.sd_id)
-        locks = [
+    def locks(self) -> list[resource.Request]:
+        return [
             (resource.SD_NAMESPACE, self.sd_id, resource.SHARED),
             (resource.image_namespace(self.sd_id), self.img_id, resource.EXCLUSIVE),
         ]
-        with self.resources.acquire(locks, timeout=self.lock_timeout):
+
+    def run(self, ctx: task.Context) -> None:
+        dom = self.domains(self.sd_id)
+        with self.resources.acquire(self.locks(), timeout=self.lock_timeout):
             vols = dom.manifest.list_volumes(self.img_id)
             if not vols:
                 log.info("Image already removed sd=%s img=%s", self.sd_id, self.img_id)

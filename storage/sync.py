@@ -17,6 +17,9 @@ zero areas are skipped, so a sparse image stays sparse and costs only its
 data.  A RAW base on a block domain is copied whole, since an LV is not
 known to read as zeros.
 
+The source image is held shared, the destination image exclusive (shared
+for ``INTERNAL``, see :meth:`SyncJob.locks`).
+
 Progress (0-100) is qemu-img's own, weighted across layers by what each
 layer takes on storage (a file's allocation, an LV's size).  A destination volume
 becomes LEGAL once its copy is complete: after ``ALL`` every volume is
@@ -137,11 +140,16 @@ class SyncJob:
         return f"<SyncJob img={self.img_id} {self.src_id} -> {self.dst_id} {self.sync_type}>"
 
     def locks(self) -> list[resource.Request]:
+        """The source image shared; the destination image exclusive, except
+        for INTERNAL: the leaf is then in use by the mirror, whose prepare
+        and teardown (shared) must not wait for a long copy that does not
+        touch the leaf.  Clone, delete and volume creation (exclusive) wait."""
+        dst_mode = resource.SHARED if self.sync_type == INTERNAL else resource.EXCLUSIVE
         return [
             (resource.SD_NAMESPACE, self.src_id, resource.SHARED),
             (resource.image_namespace(self.src_id), self.img_id, resource.SHARED),
             (resource.SD_NAMESPACE, self.dst_id, resource.SHARED),
-            (resource.image_namespace(self.dst_id), self.img_id, resource.EXCLUSIVE),
+            (resource.image_namespace(self.dst_id), self.img_id, dst_mode),
         ]
 
     def run(self, ctx: task.Context) -> None:

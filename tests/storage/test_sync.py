@@ -320,3 +320,34 @@ def test_qcow2_base_is_copied_without_writing_zeros(env: ie.Env) -> None:
         assert ie.data_extents(dst_paths[0], "qcow2") == ie.data_extents(src_paths[0], "qcow2")
         assert [e for e in ie.own_extents(dst_paths[0]) if not e[2]] == []
     env.run(ops.image_delete(chain.img_id, env.pool_id, dst))
+
+
+def test_the_mirror_can_prepare_and_release_the_leaf_during_an_internal_sync(
+    env: ie.Env,
+) -> None:
+    """INTERNAL holds the destination image shared: the replication's
+    prepare/teardown of the leaf (shared) need not wait for the copy,
+    while a deletion (exclusive) waits for it."""
+    layers = ie.standard_layers()[:3]
+    layers[0].ops.append("write -P 0x14 40M 16M")
+    chain = env.make_chain(env.domains["f1"], layers)
+    dst = env.domains["f2"]
+    slow = env.ops(copy_rate_limit_mb=1)
+    env.clone(slow, chain, dst)
+    tasks = env.storage.pool(env.pool_id).tasks
+    assert tasks is not None
+    link_dir = env.storage.images.image_dir(dst, chain.img_id)
+
+    task_id = slow.image_sync_data(chain.img_id, env.pool_id, chain.sd_id, dst, sync.INTERNAL)
+    _wait_for_qemu_img(link_dir, tasks, task_id)
+    env.storage.prepare(env.pool_id, dst, chain.img_id, chain.leaf, allow_illegal=True)
+    env.storage.teardown(env.pool_id, dst, chain.img_id, chain.leaf)
+    assert tasks.get_status(task_id)["taskState"] == task.RUNNING
+    with pytest.raises(errors.ResourceTimeout):
+        env.storage.resources.acquire(slow._delete_job(
+            {"sd": dst, "img": chain.img_id}).locks(), timeout=0.5)
+
+    tasks.stop(task_id)
+    assert env.wait(task_id)["code"] == errors.TaskAborted.name
+    env.storage.task_clear(task_id)
+    env.run(slow.image_delete(chain.img_id, env.pool_id, dst))
