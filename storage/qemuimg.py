@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import selectors
+import shutil
 import signal
 import stat
 import subprocess
@@ -489,8 +490,13 @@ def _run_with_progress(
     argv = [str(c) for c in cmd]
     log.debug("Running cmd=%s", argv)
     deadline = None if timeout is None else time.monotonic() + timeout
+    # A copy must not outlive the daemon (kill -9 included): the kernel kills
+    # it when the thread that started it dies.  The task re-runs it.
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*PDEATHSIG, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     err = bytearray()
@@ -532,6 +538,10 @@ def _run_with_progress(
         proc.stderr.close()
     if rc != 0:
         raise errors.CommandFailed(cmd=argv, rc=rc, err=err.decode("utf-8", "replace").strip())
+
+
+# util-linux's setpriv sets the parent-death signal, then execs the command.
+PDEATHSIG = ["setpriv", "--pdeathsig", "SIGKILL", "--"] if shutil.which("setpriv") else []
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -102,7 +103,8 @@ def test_info_of_an_image_in_use_needs_force_share(workdir: str) -> None:
 
 def _wait_locked(path: str) -> None:
     # Not a timing assertion: wait for the holder to have opened the image.
-    for _ in range(500):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         try:
             qemuimg.info(path, force_share=False)
         except errors.CommandFailed:
