@@ -30,6 +30,7 @@ import os
 import stat
 import threading
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from storage import activation, block_volume, clusterlock, errors, lvm, sd, volume
@@ -92,6 +93,13 @@ class BlockDomainManifest(sd.DomainManifest):
         self.lvm = lvm.LVM(self.devices, activation=self.mode == "dm")
         self.activation = activation.open(self.mode, self.lvm, env.run_dir)
         self.oop = env.oop
+        self._extent_size: int | None = None
+
+    def extent_size(self) -> int:
+        """The VG's extent size in bytes (fixed at creation; read once)."""
+        if self._extent_size is None:
+            self._extent_size = self.lvm.vg_info(self.vg).extent_size
+        return self._extent_size
 
     def special_path(self, name: str) -> str:
         """Device of a special LV, activating it if needed (idempotent)."""
@@ -176,6 +184,14 @@ class BlockDomainManifest(sd.DomainManifest):
     def write_volume_metadata(self, img_id: str, vol_id: str, md: volume.Metadata) -> None:
         self.write_slot(self.slot_of(self.volume_lv(img_id, vol_id)), md.dump())
 
+    def update_volume_metadata(
+        self, img_id: str, vol_id: str, change: Callable[[volume.Metadata], volume.Metadata]
+    ) -> volume.Metadata:
+        slot = self.slot_of(self.volume_lv(img_id, vol_id))
+        md = change(self._read_slot(vol_id, slot))
+        self.write_slot(slot, md.dump())
+        return md
+
     def write_slot(self, slot: int, data: bytes) -> None:
         offset = SLOT_BASE + slot * SLOT_SIZE
         try:
@@ -244,12 +260,14 @@ class BlockDomain(sd.StorageDomain):
     # Volumes: the operations are in storage/block_volume.py.
 
     def check_create(
-        self, fmt: str, prealloc: str, capacity: int, initial_size: int | None
+        self, fmt: str, prealloc: str, capacity: int, initial_size: int | None,
+        check_space: bool = True,
     ) -> None:
-        block_volume.check_create(self, fmt, prealloc, capacity, initial_size)
+        block_volume.check_create(self, fmt, prealloc, capacity, initial_size, check_space)
 
     def activate_volume(self, img_id: str, vol_id: str) -> str:
-        self.manifest.volume_lv(img_id, vol_id)
+        # Callers found the volume in the image's chain just before.
+        sd.check_uuid(img_id, vol_id)
         return self.activation.activate(self.vg, vol_id)
 
     def deactivate_volume(self, img_id: str, vol_id: str) -> None:

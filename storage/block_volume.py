@@ -81,12 +81,14 @@ def reserved(lvs: dict[str, lvm.LV]) -> list[lvm.PERange]:
 
 
 def check_create(dom: block_sd.BlockDomain, fmt: str, prealloc: str, capacity: int,
-                 requested: int | None) -> None:
-    """Refuse RAW SPARSE and volumes that don't fit, before any task exists."""
+                 requested: int | None, check_space: bool = True) -> None:
+    """Refuse RAW SPARSE and (check_space) volumes that don't fit."""
     if fmt == volume.RAW and prealloc == volume.SPARSE:
         raise errors.IncorrectType(
             type=prealloc, reason="RAW volumes on block domains must be PREALLOCATED"
         )
+    if not check_space:
+        return
     vg = dom.lvm.vg_info(dom.vg)
     size = initial_size(dom, fmt, prealloc, capacity, requested)
     needed = extents(reservation(dom, fmt, capacity, size), vg.extent_size)
@@ -166,26 +168,28 @@ def remove(dom: block_sd.BlockDomain, img_id: str, vol_id: str) -> None:
         dom.manifest.write_slot(int(slot), b"")
 
 
-def max_size(dom: block_sd.BlockDomain, img_id: str, vol_id: str) -> int:
+def max_size(dom: block_sd.BlockDomain, img_id: str, vol_id: str,
+             lv: lvm.LV | None = None) -> int:
     """Most bytes the volume's LV may take (its reservation in loop mode)."""
-    lv = dom.manifest.volume_lv(img_id, vol_id)
+    lv = lv or dom.manifest.volume_lv(img_id, vol_id)
     count = tag(lv, TAG_RESERVED)
-    vg = dom.lvm.vg_info(dom.vg)
+    extent_size = dom.manifest.extent_size()
     if count is not None and count.isdigit():
-        return int(count) * vg.extent_size
+        return int(count) * extent_size
     md = dom.manifest.read_volume_metadata(img_id, vol_id)
-    return volume.round_up(volume.max_size(md.capacity, md.format), vg.extent_size)
+    return volume.round_up(volume.max_size(md.capacity, md.format), extent_size)
 
 
 def extend(dom: block_sd.BlockDomain, img_id: str, vol_id: str, new_size: int) -> int:
     """Grow the LV to hold new_size bytes (whole extents, at most its maximum
-    size); returns the LV's size.  Callers serialize calls per volume."""
+    size); returns the LV's size.  Callers serialize calls per volume.
+    Two lvm2 commands: lvs and lvextend."""
     lv = dom.manifest.volume_lv(img_id, vol_id)
-    vg = dom.lvm.vg_info(dom.vg)
-    target = min(volume.round_up(new_size, vg.extent_size), max_size(dom, img_id, vol_id))
+    extent_size = dom.manifest.extent_size()
+    target = min(volume.round_up(new_size, extent_size), max_size(dom, img_id, vol_id, lv))
     if target <= lv.size:
         return lv.size
-    total = target // vg.extent_size
+    total = target // extent_size
     pv_range = None
     if dom.activation_mode == "loop":
         segs = lvm.merged_segments(lv.segments)
@@ -197,4 +201,4 @@ def extend(dom: block_sd.BlockDomain, img_id: str, vol_id: str, new_size: int) -
     log.info("Extending volume sd=%s img=%s vol=%s from=%d to=%d",
              dom.sd_id, img_id, vol_id, lv.size, target)
     dom.lvm.lvextend(dom.vg, vol_id, total, pv_range=pv_range)
-    return dom.lvm.lv_info(dom.vg, vol_id).size
+    return target

@@ -48,19 +48,22 @@ class Extender:
         if not isinstance(dom, block_sd.BlockDomain):
             return dom.manifest.volume_size(img_id, vol_id)[0]
         with self._lock(sd_id, vol_id):
-            wanted = min(new_size, dom.volume_max_size(img_id, vol_id))
             try:
                 size = dom.extend_volume(img_id, vol_id, new_size)
             except errors.VolumeGroupSizeError as e:
                 raise errors.VolumeExtendingError(
                     vol_id=vol_id, sd_id=sd_id, size=new_size, reason=str(e)
                 ) from e
+            # Read the size back: from the device if it is active here.
             if dom.activation.is_active(dom.vg, vol_id):
-                size = dom.activation.refresh(dom.vg, vol_id)
-            if size < wanted:
+                actual = dom.activation.refresh(dom.vg, vol_id)
+            else:
+                actual = dom.manifest.volume_lv(img_id, vol_id).size
+            if actual < size:
                 raise errors.VolumeExtendingError(
-                    vol_id=vol_id, sd_id=sd_id, size=new_size, reason=f"size is {size}"
+                    vol_id=vol_id, sd_id=sd_id, size=size, reason=f"size read back is {actual}"
                 )
+            size = actual
         log.info("Extended volume sd=%s img=%s vol=%s requested=%d size=%d",
                  sd_id, img_id, vol_id, new_size, size)
         return size

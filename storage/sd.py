@@ -170,6 +170,14 @@ class DomainManifest:
         """(apparent size, true size) in bytes."""
         raise NotImplementedError
 
+    def update_volume_metadata(
+        self, img_id: str, vol_id: str, change: Callable[[volume.Metadata], volume.Metadata]
+    ) -> volume.Metadata:
+        """Read, change and write a volume's metadata; callers hold self.lock."""
+        md = change(self.read_volume_metadata(img_id, vol_id))
+        self.write_volume_metadata(img_id, vol_id, md)
+        return md
+
     def stats(self) -> dict[str, int]:
         raise NotImplementedError
 
@@ -244,9 +252,10 @@ class StorageDomain:
         raise NotImplementedError
 
     def check_create(
-        self, fmt: str, prealloc: str, capacity: int, initial_size: int | None
+        self, fmt: str, prealloc: str, capacity: int, initial_size: int | None,
+        check_space: bool = True,
     ) -> None:
-        """Refuse what this domain type can't create (before any task exists)."""
+        """Refuse what this domain type can't create or (check_space) can't fit."""
 
     def activate_volume(self, img_id: str, vol_id: str) -> str:
         """Make the volume's data reachable on this host; returns its path."""
@@ -286,8 +295,11 @@ class StorageDomain:
         prealloc: str,
         parent_id: str,
         initial_size: int | None = None,
+        check_space: bool = True,
     ) -> volume.Metadata | None:
-        """Refuse a creation that is invalid on its face; returns the parent's metadata."""
+        """Refuse a creation that is invalid on its face; returns the parent's
+        metadata.  check_space: also refuse what would not fit (the allocation
+        itself checks again, exactly)."""
         check_uuid(img_id, vol_id, parent_id)
         if fmt not in volume.FORMATS:
             raise errors.IncorrectFormat(format=fmt, reason="unknown format")
@@ -296,7 +308,7 @@ class StorageDomain:
         capacity = volume.check_capacity(capacity)
         if initial_size is not None:
             volume.check_capacity(initial_size)
-        self.check_create(fmt, prealloc, capacity, initial_size)
+        self.check_create(fmt, prealloc, capacity, initial_size, check_space=check_space)
         found = self.manifest.find_volume(vol_id)
         if found is not None:
             raise errors.VolumeAlreadyExists(vol_id=vol_id, sd_id=self.sd_id, img_id=found)
@@ -344,7 +356,8 @@ class StorageDomain:
         knows it must remove the volume if a later step fails.
         """
         with self.manifest.lock:
-            self.validate_create(img_id, vol_id, capacity, fmt, prealloc, parent_id, initial_size)
+            self.validate_create(img_id, vol_id, capacity, fmt, prealloc, parent_id, initial_size,
+                                 check_space=False)
             md = volume.Metadata(
                 domain=self.sd_id,
                 image=img_id,

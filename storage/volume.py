@@ -191,9 +191,12 @@ class VolumeManifest:
 
     def update(self, **changes: Any) -> Metadata:
         """Change metadata fields (legality, voltype...) and bump GEN."""
-        md = self.metadata()
-        md = dataclasses.replace(md, generation=md.generation + 1, **changes)
-        self.manifest.write_volume_metadata(self.img_id, self.vol_id, md)
+        with self.manifest.lock:
+            md = self.manifest.update_volume_metadata(
+                self.img_id,
+                self.vol_id,
+                lambda md: dataclasses.replace(md, generation=md.generation + 1, **changes),
+            )
         log.info(
             "Updated volume metadata sd=%s img=%s vol=%s changes=%s",
             self.sd_id,
