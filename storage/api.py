@@ -102,6 +102,10 @@ class StorageAPI:
         irs = config.irs
         return cls(
             irs.run_dir,
+            # Optional key: where domains and the pool connection are
+            # remembered (default <run_dir>/state; a persistent directory
+            # such as /var/lib/vdsm-lsm survives a reboot).
+            state_dir=getattr(irs, "state_dir", None) or None,
             chunk_mb=irs.volume_utilization_chunk_mb,
             utilization_percent=irs.volume_utilization_percent,
             activation_mode=config.lvm.activation,
