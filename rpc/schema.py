@@ -85,6 +85,8 @@ class Schema:
         self.errors: dict[str, int] = {}
         self.error_messages: dict[str, str] = {}
         for name, entry in (doc.get("errors") or {}).items():
+            if not isinstance(entry, dict) or set(entry) - {"code", "message"}:
+                raise ValueError(f"Schema: error {name} must be {{code, message}}: {entry!r}")
             self.errors[name] = int(entry["code"])
             self.error_messages[name] = entry.get("message", name)
         self.verbs: dict[str, Verb] = {}

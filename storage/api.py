@@ -94,6 +94,9 @@ class StorageAPI:
         self.job_kinds: pool.JobKinds = {}
         self._pool: pool.Pool | None = None
         self._lock = threading.RLock()
+        # Maps an error name to its API code; the daemon passes the schema's
+        # table.  Unwired (tests of this layer), statuses keep the name.
+        self.error_code: Callable[[str], int | None] = lambda name: None
         volume_jobs.register(self)
 
     @classmethod
@@ -105,7 +108,7 @@ class StorageAPI:
             # Optional key: where domains and the pool connection are
             # remembered (default <run_dir>/state; a persistent directory
             # such as /var/lib/vdsm-lsm survives a reboot).
-            state_dir=getattr(irs, "state_dir", None) or None,
+            state_dir=irs.state_dir or None,
             chunk_mb=irs.volume_utilization_chunk_mb,
             utilization_percent=irs.volume_utilization_percent,
             activation_mode=config.lvm.activation,
@@ -470,7 +473,17 @@ class StorageAPI:
         return manager
 
     def task_get_status(self, task_id: str) -> dict[str, Any]:
-        return self._task_manager(task_id).get_status(task_id)
+        return self._coded(self._task_manager(task_id).get_status(task_id))
+
+    def _coded(self, status: dict[str, Any]) -> dict[str, Any]:
+        """A task status as the API answers it: ``code`` the number of the
+        error that ended the task (0: none), ``error`` its name."""
+        name = status.get("code") or ""
+        code: int | str = 0
+        if name:
+            number = self.error_code(name)
+            code = name if number is None else number
+        return {**status, "code": code, "error": name}
 
     def task_get_info(self, task_id: str) -> dict[str, str]:
         return self._task_manager(task_id).get_info(task_id)
@@ -492,7 +505,7 @@ class StorageAPI:
         return p.tasks
 
     def host_get_all_tasks_statuses(self) -> dict[str, dict[str, Any]]:
-        return self._spm_tasks().all_statuses()
+        return {tid: self._coded(st) for tid, st in self._spm_tasks().all_statuses().items()}
 
     def host_get_all_tasks_info(self) -> dict[str, dict[str, str]]:
         return self._spm_tasks().all_info()

@@ -48,7 +48,11 @@ class Daemon:
                 "management_port": self.port,
                 "unix_socket": self.socket_path,
             },
-            "irs": {"run_dir": self.run_dir, "volume_utilization_chunk_mb": 64},
+            "irs": {
+                "run_dir": self.run_dir,
+                "state_dir": os.path.join(workdir, "state"),
+                "volume_utilization_chunk_mb": 64,
+            },
             "vm": {"accel": "tcg"},
             "logging": {"level": "DEBUG"},
         }

@@ -54,6 +54,7 @@ class App:
         self.virt = virt_api.API(
             self.storage, virt_api.Config(libvirt_uri=cfg.libvirt.uri, accel=cfg.vm.accel)
         )
+        self.storage.error_code = self.schema.code_of
         self.host = host.HostAPI(self.virt.connection.get, self.modes, lvm_users)
         self.dispatcher = dispatch.Dispatcher(
             self.schema, [self.host, self.storage, self.image_ops, self.virt]

@@ -97,6 +97,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
     },
     "irs": {
         "run_dir": Option(_path, "/run/vdsm-lsm", "run-time state: lock, links, loop state"),
+        "state_dir": Option(
+            _path, "/var/lib/vdsm-lsm", "state kept across reboots: known domains, pool"
+        ),
         "volume_utilization_percent": Option(
             _int(1, 100), 20, "extend a thin volume when free space drops below this %"
         ),

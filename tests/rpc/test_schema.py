@@ -71,6 +71,13 @@ def test_duplicate_key_in_schema_refused(tmp_path):
         schema.Schema.load(str(path))
 
 
+def test_error_entry_with_stray_keys_refused():
+    # An unquoted comma in a flow mapping splits the message into a new key.
+    doc = yaml.safe_load("errors:\n  E: {code: 1, message: one, two}\n")
+    with pytest.raises(ValueError, match="must be"):
+        schema.Schema(doc)
+
+
 def test_unknown_type_in_schema_refused():
     with pytest.raises(ValueError, match="unknown type"):
         schema.Schema({"verbs": {"A.b": {"params": {"x": {"type": "nope"}}}}})

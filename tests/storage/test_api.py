@@ -117,7 +117,7 @@ def test_stop_running_create_rolls_back(api, spm, gate):
     release.set()
     status = run_task(api, task_id)
     assert status["taskResult"] == "cleanFailure"
-    assert status["code"] == "TaskAborted"
+    assert status["error"] == "TaskAborted"
     assert domain_state(api, sd_id) == before
     assert api.volume_get_info(pool_id, sd_id, img, base)["voltype"] == "LEAF"
 
@@ -224,7 +224,7 @@ def test_kill_during_create_then_recovery(api_factory, domain_factory, storage_t
     status = restarted.task_get_status(task_id)
     assert status["taskState"] == "finished"
     assert status["taskResult"] == "cleanFailure"
-    assert status["code"] == "TaskInterrupted"
+    assert status["error"] == "TaskInterrupted"
     assert domain_state(restarted, sd_id) == before
     with pytest.raises(errors.VolumeDoesNotExist):
         restarted.volume_get_info(pool_id, sd_id, img, vol)

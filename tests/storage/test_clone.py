@@ -202,7 +202,7 @@ def test_failed_clone_removes_what_it_created(env: ie.Env, monkeypatch: pytest.M
                                                       chain.sd_id, dst))
 
     assert status["taskResult"] == task.CLEAN_FAILURE
-    assert status["code"] == "NoSpaceLeftOnDomain"
+    assert status["error"] == "NoSpaceLeftOnDomain"
     assert len(calls) == 3
     assert dom.manifest.list_volumes(chain.img_id) == []
     assert all(lv not in dom.manifest.volume_lvs() for lv in chain.vol_ids)
@@ -232,7 +232,7 @@ def test_stopped_clone_removes_what_it_created(env: ie.Env,
     status = env.wait(task_ids[0])
 
     assert status["taskResult"] == task.CLEAN_FAILURE
-    assert status["code"] == "TaskAborted"
+    assert status["error"] == "TaskAborted"
     assert len(calls) == 2
     assert dom.manifest.list_volumes(chain.img_id) == []
     # The image can be cloned again afterwards.

@@ -100,7 +100,7 @@ def test_an_interrupted_delete_leaves_illegal_volumes_and_finishes_when_run_agai
     status = env.wait(ops.image_delete(chain.img_id, env.pool_id, sd_id))
 
     assert status["taskResult"] == task.CLEAN_FAILURE
-    assert status["code"] == "CannotRemoveLogicalVolume"
+    assert status["error"] == "CannotRemoveLogicalVolume"
     assert removed == [chain.leaf]  # children first
     assert env.legality(sd_id, chain.img_id) == {v: volume.ILLEGAL for v in chain.vol_ids[:-1]}
 

@@ -179,7 +179,7 @@ def test_stop_kills_qemu_img_and_a_retry_completes(env: ie.Env) -> None:
     status = env.wait(task_id)
 
     assert status["taskResult"] == task.CLEAN_FAILURE
-    assert status["code"] == errors.TaskAborted.name
+    assert status["error"] == errors.TaskAborted.name
     assert ie.qemu_img_pids(link_dir) == [] and ie.qemu_img_pids(dst_dir) == []
     assert all(0 <= p < 100 for p in seen) and seen == sorted(seen)
     # The interrupted base is not LEGAL; nothing after it was touched.
@@ -348,6 +348,6 @@ def test_the_mirror_can_prepare_and_release_the_leaf_during_an_internal_sync(
             {"sd": dst, "img": chain.img_id}).locks(), timeout=0.5)
 
     tasks.stop(task_id)
-    assert env.wait(task_id)["code"] == errors.TaskAborted.name
+    assert env.wait(task_id)["error"] == errors.TaskAborted.name
     env.storage.task_clear(task_id)
     env.run(slow.image_delete(chain.img_id, env.pool_id, dst))
