@@ -41,10 +41,11 @@ def make_pool(provider: api_mod.StorageAPI, master: str, domains: list[str] | No
 
 
 def run_task(provider: api_mod.StorageAPI, task_id: str) -> dict[str, Any]:
-    """Wait for a task to finish; its status."""
+    """Wait for a task to finish; its status as Task.getStatus answers it."""
     p = provider._pool
     assert p is not None and p.tasks is not None
-    return p.tasks.wait(task_id, timeout=TASK_TIMEOUT)
+    p.tasks.wait(task_id, timeout=TASK_TIMEOUT)
+    return provider.task_get_status(task_id)
 
 
 def create_volume(provider: api_mod.StorageAPI, pool_id: str, sd_id: str, img_id: str,

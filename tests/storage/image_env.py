@@ -117,7 +117,8 @@ class Env:
 
     def wait(self, task_id: str) -> dict[str, Any]:
         assert self.storage.pool(self.pool_id).tasks is not None
-        return self.storage.pool(self.pool_id).tasks.wait(task_id, timeout=WAIT)
+        self.storage.pool(self.pool_id).tasks.wait(task_id, timeout=WAIT)
+        return self.storage.task_get_status(task_id)
 
     def run(self, task_id: str) -> dict[str, Any]:
         """Wait for a task that must succeed; clear it."""

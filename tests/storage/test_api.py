@@ -72,7 +72,7 @@ def test_task_lifecycle(api, spm):
     status = run_task(api, task_id)
     assert status == {
         "taskID": task_id, "taskState": "finished", "taskResult": "success",
-        "code": "", "message": "", "progress": 100,
+        "code": 0, "error": "", "message": "", "progress": 100,
     }
     assert api.task_get_status(task_id) == status
     assert api.host_get_all_tasks_statuses() == {task_id: status}
