@@ -31,13 +31,14 @@ BLANK_UUID = "00000000-0000-0000-0000-000000000000"
 _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
+_ACRONYM_RE = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
 _SNAKE_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _BASIC_TYPES = {"uuid", "string", "int", "size", "bool", "number", "enum", "list", "dict", "any"}
 
 
 def snake_case(name: str) -> str:
-    """storagepoolID -> storagepool_id, getVMList -> get_vmlist."""
-    return _SNAKE_RE.sub("_", name).lower()
+    """storagepoolID -> storagepool_id, dstSdUUID -> dst_sd_uuid, getVMList -> get_vm_list."""
+    return _SNAKE_RE.sub("_", _ACRONYM_RE.sub("_", name)).lower()
 
 
 def handler_name(verb: str) -> str:

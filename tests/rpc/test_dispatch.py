@@ -62,7 +62,7 @@ def test_unexpected_error_is_general_exception_with_traceback(dispatcher, caplog
 
 
 def test_unimplemented_verb_is_noimpl(dispatcher):
-    ok, (code, _) = dispatcher.handle("Host.getVMList", {})
+    ok, (code, _) = dispatcher.handle("Host.getCapabilities", {})
     assert (ok, code) == (False, 44)
 
 

@@ -236,7 +236,7 @@ def test_unknown_method(api):
 def test_handler_names():
     assert schema.handler_name("Volume.create") == "volume_create"
     assert schema.handler_name("StoragePool.spmStart") == "storage_pool_spm_start"
-    assert schema.handler_name("Host.getVMList") == "host_get_vmlist"
+    assert schema.handler_name("Host.getVMList") == "host_get_vm_list"
     assert schema.snake_case("dstSdUUID") == "dst_sd_uuid"
 
 
