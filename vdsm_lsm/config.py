@@ -19,7 +19,7 @@ import dataclasses
 import glob
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 DEFAULT_FILE = "/etc/vdsm-lsm/vdsm-lsm.conf"
 
@@ -146,8 +146,23 @@ class Section:
     def __init__(self, values: dict[str, Any]) -> None:
         self.__dict__.update(values)
 
+    if TYPE_CHECKING:
+        # Keys come from SCHEMA at run time; tell the type checker so.
+        def __getattr__(self, key: str) -> Any: ...
+
 
 class Config:
+    # One attribute per SCHEMA section, set in __init__.
+    addresses: Section
+    tls: Section
+    irs: Section
+    thinp: Section
+    lvm: Section
+    sanlock: Section
+    vm: Section
+    libvirt: Section
+    logging: Section
+
     def __init__(self, values: dict[str, dict[str, Any]], sources: dict[tuple[str, str], str]):
         self._values = values
         self.sources = sources

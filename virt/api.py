@@ -155,7 +155,7 @@ class API:
             vm = vm_mod.VM(vm_id, params.name, drives, self.connection)
             with self._lock:
                 self._creating[vm_id] = vm
-            spec = domxml.DomainSpec(
+            dom_spec = domxml.DomainSpec(
                 vm_id=vm_id,
                 name=params.name,
                 memory_mib=params.memory_mib,
@@ -166,7 +166,7 @@ class API:
                 cmdline=params.cmdline,
                 serial_log=params.serial_log,
             )
-            xml = domxml.build(spec, drives, metadata.to_element(drives))
+            xml = domxml.build(dom_spec, drives, metadata.to_element(drives))
             log.info("Creating vm=%s name=%s accel=%s", vm_id, params.name, params.accel)
             log.debug("Domain vm=%s xml=%s", vm_id, xml)
             try:
