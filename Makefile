@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 GUEST_DIR ?= /var/cache/vdsm-lsm/guest
 
-.PHONY: setup check test lint demo bench docs guest clean
+.PHONY: setup check test lint typecheck demo bench docs guest clean
 
 setup:
 	contrib/setup-host
@@ -12,6 +12,10 @@ guest: setup
 
 lint: setup
 	.venv/bin/ruff check .
+
+# storage/ is not clean yet; see [tool.mypy] in pyproject.toml.
+typecheck:
+	.venv/bin/mypy rpc vdsm_lsm virt
 
 # The whole test suite against real libvirtd, QEMU, lvm2 and qemu-img.
 check: setup guest
@@ -30,4 +34,4 @@ docs: setup
 	$(PYTHON) -m vdsm_lsm.docs -o docs/api.md
 
 clean:
-	rm -rf build *.egg-info .pytest_cache .ruff_cache
+	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache

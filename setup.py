@@ -15,7 +15,7 @@ setuptools.setup(
         "pyudev",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff"],
+        "test": ["pytest", "pytest-timeout", "ruff", "mypy==2.4.1"],
     },
     entry_points={
         "console_scripts": [
