@@ -58,3 +58,8 @@ def test_unreadable_file_is_a_config_error(tmp_path):
     path.write_text("not an ini file\n")
     with pytest.raises(config.ConfigError, match="cannot read"):
         config.load(str(path))
+
+
+def test_config_declares_every_schema_section():
+    # Config's annotations tell the type checker which sections exist.
+    assert set(config.Config.__annotations__) == set(config.SCHEMA)
