@@ -203,6 +203,17 @@ class StorageAPI:
         self.domain(pool_id, sd_id)
         return self.extender.refresh(sd_id, img_id, vol_id)
 
+    def set_volume_legality(
+        self, pool_id: str, sd_id: str, img_id: str, vol_id: str, legal: bool
+    ) -> None:
+        """Mark a volume LEGAL or ILLEGAL (the pivot of a replication marks the
+        destination leaf LEGAL); same metadata path as Image.syncData's."""
+        dom = self.domain(pool_id, sd_id)
+        legality = volume.LEGAL if legal else volume.ILLEGAL
+        with dom.manifest.lock:
+            if dom.manifest.read_volume_metadata(img_id, vol_id).legality != legality:
+                dom.manifest.volume(img_id, vol_id).set_legality(legality)
+
     # StorageDomain.*
 
     def storage_domain_create(

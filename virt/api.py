@@ -1,4 +1,5 @@
-"""The VM verbs: VM.create, destroy, cont, getStats, snapshot, and Host.getVMList.
+"""The VM verbs: VM.create, destroy, cont, getStats, snapshot, diskReplicateStart,
+diskReplicateFinish, and Host.getVMList.
 
 :class:`API` is the provider object the daemon wires into dispatch: verb
 ``VM.getStats`` is served by :meth:`API.vm_get_stats` with snake-cased
@@ -32,6 +33,7 @@ from virt import (
     events,
     metadata,
     recovery,
+    replication,
     snapshot,
     storage_iface,
     vmparams,
@@ -141,6 +143,27 @@ class API:
         snapshot.snapshot(self.get_vm(vm_id), self._storage, snap_drives)
         return True
 
+    def vm_disk_replicate_start(
+        self,
+        vm_id: str,
+        src_disk: dict[str, Any],
+        dst_disk: dict[str, Any],
+        need_extend: bool = True,
+        bandwidth: int = 0,
+        sync_writes: bool = False,
+    ) -> bool:
+        replication.start(
+            self.get_vm(vm_id), self._storage, src_disk, dst_disk, need_extend, bandwidth,
+            sync_writes,
+        )
+        return True
+
+    def vm_disk_replicate_finish(
+        self, vm_id: str, src_disk: dict[str, Any], dst_disk: dict[str, Any]
+    ) -> bool:
+        replication.finish(self.get_vm(vm_id), self._storage, src_disk, dst_disk)
+        return True
+
     def host_get_vm_list(self) -> list[dict[str, str]]:
         self._check_ready()
         return [{"vmId": vm.id, "status": vm.status} for vm in self.vms()]
@@ -226,6 +249,14 @@ class API:
         )
 
     def _teardown_drive(self, vm_id: str, d: drive_mod.Drive) -> None:
+        r = d.replica
+        if r is not None:
+            # The mirror died with QEMU; release the destination's reference.
+            try:
+                self._storage.teardown(r.pool_id, r.domain_id, r.image_id, r.volume_id)
+            except Exception:
+                log.exception("Teardown failed vm=%s replica=%s", vm_id, r.volume_id)
+            d.replica = None
         for vol_id in reversed(d.prepared):
             try:
                 self._storage.teardown(d.pool_id, d.domain_id, d.image_id, vol_id)
@@ -263,6 +294,8 @@ class API:
                 continue
             try:
                 vm.refresh_state()
+                for d in vm.drives:
+                    replication.refresh_state(vm, d)
             except Exception:
                 log.exception("Cannot refresh state after reconnect vm=%s", vm.id)
 

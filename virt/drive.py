@@ -53,7 +53,11 @@ class Volume:
 
 @dataclasses.dataclass
 class Replica:
-    """The destination of a replication (filled by the replication issue)."""
+    """The destination of a replication (virt/replication.py fills it).
+
+    The drive holds one prepare reference on the destination leaf (prepared
+    with its chain, ILLEGAL allowed) while the replica exists.
+    """
 
     pool_id: str
     domain_id: str
@@ -65,6 +69,8 @@ class Replica:
     state: str = COPYING
     bandwidth: int = 0  # MiB/s, 0 = unlimited
     sync_writes: bool = False
+    # Extend the replica before the source when the leaf fills (thin block).
+    need_extend: bool = True
 
     @property
     def path(self) -> str:
@@ -146,6 +152,11 @@ class Drive:
                 elif status == libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED:
                     self.replica.state = FAILED
             self._job_cond.notify_all()
+
+    def reset_job_event(self) -> None:
+        """Forget the last BLOCK_JOB_2 event (before starting or ending a job)."""
+        with self._job_cond:
+            self.last_job_event = None
 
     def wait_job(self, predicate: Callable[[tuple[int, int] | None], bool], timeout: float) -> bool:
         """Wait until predicate(last_job_event) holds; False on timeout."""

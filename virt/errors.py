@@ -13,6 +13,12 @@ Exception tree::
           +-- InvalidVMParamsError   VMParamsInvalid 2300 (semantics; the schema checks types)
           +-- OperationError   VMOperationFailed 2301 (cont/destroy refused by libvirt)
           +-- LibvirtUnavailableError  LibvirtConnectionError 2302
+          +-- ReplicaNotReadyError  unavail 40 (mirror not ready: retry Finish)
+          +-- PivotError       changeDisk 41 (pivot failed: retry or abort)
+          +-- ReplicaError     replicaErr 55 (blockCopy refused, already replicating)
+          +-- ReplicationNotInProgressError  ReplicationNotInProgress 88
+          +-- DestinationNotSyncedError  DestinationChainNotSynced 2303
+                               (an internal destination volume is not LEGAL)
 
 Errors keep their root cause as ``__cause__`` (``raise ... from e``).
 """
@@ -70,3 +76,31 @@ class OperationError(Error):
 class LibvirtUnavailableError(Error):
     name = "LibvirtConnectionError"
     msg = "Cannot connect to libvirt at {uri}"
+
+
+class ReplicaNotReadyError(Error):
+    name = "unavail"
+    msg = "Replica of drive {drive} of virtual machine {vm_id} is not ready"
+
+
+class PivotError(Error):
+    name = "changeDisk"
+    msg = "Pivot of drive {drive} of virtual machine {vm_id} failed"
+
+
+class ReplicaError(Error):
+    name = "replicaErr"
+    msg = "Replication of drive {drive} of virtual machine {vm_id} failed"
+
+
+class ReplicationNotInProgressError(Error):
+    name = "ReplicationNotInProgress"
+    msg = "No replication of drive {drive} of virtual machine {vm_id} is in progress"
+
+
+class DestinationNotSyncedError(Error):
+    name = "DestinationChainNotSynced"
+    msg = (
+        "Volume {vol_id} of the destination chain in domain {sd_id} is not synced "
+        "(legality {legality}): run Image.syncData INTERNAL first"
+    )

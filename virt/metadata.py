@@ -10,7 +10,7 @@ libvirt keeps one element per namespace in a domain's metadata; ours is::
         <lsm:prepared volumeID=".."/>                        (prepare references held)
         <lsm:replica poolID=".." domainID=".." imageID=".." volumeID=".."
                      diskType="block" format="cow" state="copying" bandwidth="0"
-                     syncWrites="false">
+                     syncWrites="false" needExtend="true">
           <lsm:volume .../>
         </lsm:replica>
       </lsm:drive>
@@ -87,6 +87,7 @@ def to_element(drives: list[drive_mod.Drive], namespaced: bool = True) -> ET.Ele
                 state=r.state,
                 bandwidth=str(r.bandwidth),
                 syncWrites="true" if r.sync_writes else "false",
+                needExtend="true" if r.need_extend else "false",
             )
             _add_chain(rel, r.chain, _q)
     return root
@@ -141,6 +142,7 @@ def from_xml(text: str) -> list[drive_mod.Drive]:
                         state=rel.get("state", drive_mod.COPYING),
                         bandwidth=int(rel.get("bandwidth", "0")),
                         sync_writes=rel.get("syncWrites") == "true",
+                        need_extend=rel.get("needExtend", "true") == "true",
                     )
         except KeyError as e:
             raise ValueError(f"drive metadata lacks {e}") from e

@@ -7,6 +7,11 @@ between a snapshot or a pivot and the metadata write) takes its chain from
 the live XML. Status and pause code come from ``virDomainGetState`` and, for
 a VM paused on an I/O error, ``virDomainGetDiskErrors`` (as VDSM does).
 
+A replica in the metadata is kept while its mirror job still runs (its state
+from the live ``<mirror ready=...>``) and dropped otherwise; a drive found on
+another domain than its metadata says finished a pivot, so its leaf is marked
+LEGAL (the daemon may have died before doing so).
+
 Nothing here changes the guest: no resume, no metadata write. The prepare
 references the VM held are taken again through the storage interface (they
 lived in the old daemon's memory); a volume that cannot be prepared now is
@@ -21,7 +26,7 @@ import uuid
 
 import libvirt
 
-from virt import connection, domxml, metadata, storage_iface
+from virt import connection, domxml, metadata, replication, storage_iface
 from virt import drive as drive_mod
 from virt import vm as vm_mod
 
@@ -57,13 +62,20 @@ def recover_domain(
         log.debug("Domain name=%s is not ours", _name(dom))
         return None
     vm_id = dom.UUIDString()
-    live = domxml.parse_disks(dom.XMLDesc(0))
+    domain_xml = dom.XMLDesc(0)
+    live = domxml.parse_disks(domain_xml)
+    moved = []
     for d in drives:
         disk = live.get(d.name)
         if disk is None:
             log.warning("Drive not in live domain vm=%s drive=%s", vm_id, d.name)
             continue
-        _reconcile(vm_id, d, disk)
+        if _reconcile(vm_id, d, disk):
+            moved.append(d)
+    for d in moved:
+        _finish_pivot(vm_id, storage, d)
+    for d in drives:
+        replication.recover_replica(vm_id, dom, storage, d, domain_xml)
     vm = vm_mod.VM(vm_id, dom.name(), drives, conn)
     vm.refresh_state()
     _retake_references(vm, storage)
@@ -78,10 +90,13 @@ def recover_domain(
     return vm
 
 
-def _reconcile(vm_id: str, d: drive_mod.Drive, disk: domxml.LiveDisk) -> None:
-    """Make d describe what QEMU has open when the metadata lags behind."""
+def _reconcile(vm_id: str, d: drive_mod.Drive, disk: domxml.LiveDisk) -> bool:
+    """Make d describe what QEMU has open when the metadata lags behind.
+
+    Returns whether the drive moved to another domain (a pivot happened).
+    """
     if disk.path == d.path:
-        return
+        return False
     paths = [(disk.path, disk.format)] + disk.backing
     chain = [
         drive_mod.Volume(os.path.basename(p), p, "COW" if fmt == "qcow2" else "RAW")
@@ -109,6 +124,21 @@ def _reconcile(vm_id: str, d: drive_mod.Drive, disk: domxml.LiveDisk) -> None:
         d.prepared = [d.volume_id]
     elif d.volume_id not in d.prepared:
         d.prepared.append(d.volume_id)
+    return moved
+
+
+def _finish_pivot(vm_id: str, storage: storage_iface.Storage, d: drive_mod.Drive) -> None:
+    """The daemon died after a pivot: the new leaf may still be ILLEGAL."""
+    try:
+        storage.set_volume_legality(d.pool_id, d.domain_id, d.image_id, d.volume_id, True)
+    except Exception as e:
+        log.error(
+            "Cannot mark pivoted leaf LEGAL vm=%s drive=%s volume=%s: %s",
+            vm_id,
+            d.name,
+            d.volume_id,
+            e,
+        )
 
 
 def _retake_references(vm: vm_mod.VM, storage: storage_iface.Storage) -> None:

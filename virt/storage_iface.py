@@ -4,7 +4,8 @@ virt never touches domains, volumes or LVs itself: it asks for a prepared
 volume (its path and the chain below it, reachable through the prepare
 links), gives the reference back when done, and later asks for extensions.
 The daemon passes an object with these methods: storage's API provider
-(``storage.api.StorageAPI``) has them (``prepare``, ``teardown``).
+(``storage.api.StorageAPI``) has them (``prepare``, ``teardown``,
+``volume_get_info``, ``set_volume_legality``).
 
 Errors: storage raises its own coded errors (subclasses of
 ``rpc.errors.Error``, e.g. VolumeDoesNotExist); virt lets them through to the
@@ -17,14 +18,29 @@ from typing import Any, Protocol
 
 
 class Storage(Protocol):
-    def prepare(self, pool_id: str, sd_id: str, img_id: str, vol_id: str) -> dict[str, Any]:
+    def prepare(
+        self, pool_id: str, sd_id: str, img_id: str, vol_id: str, allow_illegal: bool = False
+    ) -> dict[str, Any]:
         """Prepare vol_id and its chain; take one reference.
 
         Returns {"path": leaf path, "chain": [{"volumeID", "path", "format"}, ...]}
-        from base to vol_id; format is "COW" or "RAW".
+        from base to vol_id; format is "COW" or "RAW". ILLEGAL volumes are
+        refused unless allow_illegal (the destination of a replication).
         """
         ...
 
     def teardown(self, pool_id: str, sd_id: str, img_id: str, vol_id: str) -> None:
         """Release one reference taken by prepare."""
+        ...
+
+    def volume_get_info(
+        self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str
+    ) -> dict[str, Any]:
+        """Volume.getInfo: {"legality": "LEGAL" | "ILLEGAL", ...}."""
+        ...
+
+    def set_volume_legality(
+        self, pool_id: str, sd_id: str, img_id: str, vol_id: str, legal: bool
+    ) -> None:
+        """Mark the volume LEGAL (legal=True) or ILLEGAL."""
         ...
