@@ -2,12 +2,13 @@
 
 Runs against a live daemon (``--socket``) with real storage on this host:
 two file domains in one pool, an image (RAW base + COW leaf) that a running
-test guest writes to, a live snapshot, then the SPM half of live storage
-migration: ``Image.cloneStructure`` and ``Image.syncData(INTERNAL)`` onto
-the second domain.  The mirror and pivot (``VM.diskReplicateStart/Finish``)
-belong to the replication issue; the flow shows what the daemon answers for
-them today.  At the end the verifier proves every write the guest
-acknowledged is on the chain it used, and everything is removed.
+test guest writes to, a live snapshot, then a complete live storage
+migration onto the second domain (DESIGN section 1): ``Image.cloneStructure``,
+``VM.diskReplicateStart`` (the mirror), ``Image.syncData(INTERNAL)``, wait for
+the mirror to be ready, ``VM.diskReplicateFinish`` (the pivot), and
+``Image.delete`` of the source.  At the end the verifier proves every write
+the guest acknowledged, before and after the pivot, is on the destination
+chain, and everything is removed.
 
     python -m contrib.demo_flow --socket PATH --workdir DIR
 """
@@ -134,35 +135,84 @@ def run(rpc: client.Client, workdir: str) -> int:
                          storagedomainID=src_sd, dstSdUUID=dst_sd)
         flow.wait_task(task, "cloneStructure")
 
+        flow.say("Start the mirror: QEMU copies the leaf and mirrors new writes")
+        src_disk = {"poolID": pool_id, "domainID": src_sd, "imageID": img_id,
+                    "volumeID": snap_id}
+        dst_disk = {**src_disk, "domainID": dst_sd}
+        flow.call("VM.diskReplicateStart", vmID=vm_id, srcDisk=src_disk, dstDisk=dst_disk)
+        rep = flow.call("VM.getStats", vmID=vm_id, quiet=True)["disks"]["vda"]["replicate"]
+        print(f"   replicate: state={rep['state']} cur={rep['cur']} end={rep['end']}")
+
         flow.say("SPM: copy the internal volumes while the guest keeps writing")
         task = flow.call("Image.syncData", imageID=img_id, storagepoolID=pool_id,
                          storagedomainID=src_sd, dstSdUUID=dst_sd, syncType="INTERNAL")
         flow.wait_task(task, "syncData INTERNAL")
-        for vol in (base_id, leaf_id, snap_id):
-            info = rpc.call("Volume.getInfo", storagepoolID=pool_id, storagedomainID=dst_sd,
-                            imageID=img_id, volumeID=vol)
-            print(f"   destination {vol[:8]} {info['voltype']:<8} {info['legality']}")
+        show_destination(rpc, pool_id, dst_sd, img_id, (base_id, leaf_id, snap_id))
 
-        flow.say("The mirror and pivot come with the replication issue; today the host says")
-        disk = {"poolID": pool_id, "domainID": src_sd, "imageID": img_id, "volumeID": snap_id}
-        try:
-            flow.call("VM.diskReplicateStart", vmID=vm_id, srcDisk=disk,
-                      dstDisk={**disk, "domainID": dst_sd})
-        except client.ClientError as e:
-            print(f"   error {e.code}: {e.message}")
+        flow.say("Wait for the mirror to be ready (cur == end)")
+        wait_ready(rpc, vm_id)
 
-        flow.say("Stop the VM; prove every acknowledged write is on its chain")
+        flow.say("Pivot: the VM switches to the destination chain")
+        flow.call("VM.diskReplicateFinish", vmID=vm_id, srcDisk=src_disk, dstDisk=dst_disk)
+        disk = flow.call("VM.getStats", vmID=vm_id, quiet=True)["disks"]["vda"]
+        print(f"   vda domain: {disk['domainID']} (destination {dst_sd})")
+        for v in disk["volumeChain"]:
+            print(f"   {v['volumeID'][:8]} {v['path']}")
+        if disk["domainID"] != dst_sd or "replicate" in disk:
+            print("   the VM is not on the destination")
+            return 1
+        show_destination(rpc, pool_id, dst_sd, img_id, (base_id, leaf_id, snap_id))
+        acks = len(verifier.parse_log(serial_log).acks)
+        serial = verifier.wait_for_acks(serial_log, acks + 100, timeout=180)
+        print(f"   guest acknowledged {len(serial.acks)} writes so far "
+              f"({len(serial.acks) - acks} since the pivot)")
+
+        flow.say("Stop the VM; prove every acknowledged write is on the DESTINATION chain")
         flow.call("VM.destroy", vmID=vm_id)
         vm_running = False
-        leaf_path = os.path.join(workdir, "src", src_sd, "images", img_id, snap_id)
+        leaf_path = os.path.join(workdir, "dst", dst_sd, "images", img_id, snap_id)
         result = verifier.verify(serial_log, leaf_path, image_format="qcow2")
-        print(f"   verified {result.verified} blocks, {result.lost} lost")
+        print(f"   verified {result.verified} blocks, {result.lost} lost ({leaf_path})")
         if not result.ok:
             return 1
+
+        flow.say("SPM: delete the source image (step 6)")
+        task = flow.call("Image.delete", imageID=img_id, storagepoolID=pool_id,
+                         storagedomainID=src_sd)
+        flow.wait_task(task, "delete source image")
+        flow.call("StorageDomain.getImages", storagedomainID=src_sd)
+        flow.call("StorageDomain.getImages", storagedomainID=dst_sd)
         return 0
     finally:
         print("\n== Clean-up", flush=True)
         _cleanup(rpc, vm_running, created_pool, vm_id, pool_id, img_id, src_sd, dst_sd)
+
+
+def show_destination(rpc: client.Client, pool_id: str, sd_id: str, img_id: str,
+                     vols: tuple[str, ...]) -> None:
+    for vol in vols:
+        info = rpc.call("Volume.getInfo", storagepoolID=pool_id, storagedomainID=sd_id,
+                        imageID=img_id, volumeID=vol)
+        print(f"   destination {vol[:8]} {info['voltype']:<8} {info['legality']}")
+
+
+def wait_ready(rpc: client.Client, vm_id: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        rep = rpc.call("VM.getStats", vmID=vm_id)["disks"]["vda"]["replicate"]
+        now = (rep["state"], rep["cur"], rep["end"])
+        if now != last:
+            print(f"   replicate: state={rep['state']} cur={rep['cur']} end={rep['end']}",
+                  flush=True)
+            last = now
+        if rep["state"] == "ready" and rep["cur"] == rep["end"]:
+            return
+        if rep["state"] == "failed":
+            raise RuntimeError(f"mirror failed: {rep}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mirror not ready after {timeout}s: {rep}")
+        time.sleep(0.2)
 
 
 def _cleanup(rpc: client.Client, vm_running: bool, created_pool: bool, vm_id: str,
@@ -178,6 +228,8 @@ def _cleanup(rpc: client.Client, vm_running: bool, created_pool: bool, vm_id: st
         quiet("VM.destroy", vmID=vm_id)
     if created_pool:
         for sd_id in (dst_sd, src_sd):
+            if img_id not in (quiet("StorageDomain.getImages", storagedomainID=sd_id) or []):
+                continue
             task = quiet("Image.delete", imageID=img_id, storagepoolID=pool_id,
                          storagedomainID=sd_id)
             while task:
