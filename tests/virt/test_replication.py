@@ -8,14 +8,17 @@ the verifier on the chain the VM ends on.
 from __future__ import annotations
 
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
+import libvirt
 import pytest
 
 from contrib.guest import verifier
 from storage import sd
 from tests.virt import conftest, lsm_env
-from virt import domxml, errors, metadata
+from virt import domxml, errors, metadata, replication
+from virt import drive as drive_mod
 from virt import vm as vm_mod
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.guest]
@@ -145,7 +148,7 @@ def test_live_storage_migration(make_api, any_lsm_env, vm_params):
     assert env.provider.storage_domain_get_images(env.sd_id) == []
 
 
-def test_finish_refused_before_internal_sync(make_api, lsm, vm_params):
+def test_finish_refused_before_internal_sync(make_api, lsm, vm_params, monkeypatch):
     env = lsm
     api = make_api(env)
     g, img, vols = running_guest(env, api, vm_params)
@@ -170,8 +173,24 @@ def test_finish_refused_before_internal_sync(make_api, lsm, vm_params):
     g.wait_acks(acks + 10)
     assert api.get_vm(g.vm_id).status == vm_mod.UP
 
-    # Once synced, the same request pivots.
     env.sync(img, "INTERNAL")
+    # Fault injection: libvirt fails the pivot. changeDisk, the mirror goes on.
+    real_abort = libvirt.virDomain.blockJobAbort
+
+    def failing_abort(dom, disk, flags=0):
+        if flags & libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
+            raise libvirt.libvirtError("injected pivot failure")
+        return real_abort(dom, disk, flags)
+
+    with monkeypatch.context() as m:
+        m.setattr(libvirt.virDomain, "blockJobAbort", failing_abort)
+        with pytest.raises(errors.PivotError) as e:
+            api.vm_disk_replicate_finish(g.vm_id, src, dst)
+    assert e.value.name == "changeDisk"
+    assert replicate(api, g)["state"] == "ready"
+    assert live_disk(g.vm_id).path == env.link_path(img, snap)
+
+    # Synced and retried, the same request pivots.
     api.vm_disk_replicate_finish(g.vm_id, src, dst)
     assert live_disk(g.vm_id).path == env.dst_link_path(img, snap)
     g.wait_acks(g.acks() + 10)
@@ -225,7 +244,12 @@ def test_refusals_and_abort(make_api, lsm, vm_params):
         api.vm_disk_replicate_finish(g.vm_id, src, src)
     g.wait_acks(g.acks() + 10)
     assert api.get_vm(g.vm_id).status == vm_mod.UP
+
+    # Destroying a VM while it replicates releases the destination too.
+    api.vm_disk_replicate_start(g.vm_id, src, dst, bandwidth=1)
+    assert env.dst_refs(img, snap) == 1
     api.vm_destroy(g.vm_id)
+    assert env.dst_refs(img, snap) == 0
     assert env.held() == {}
     assert verifier.verify(g.serial_log, _src_path(env, img, snap), "qcow2").lost == 0
 
@@ -281,3 +305,47 @@ def test_replica_recovered_after_restart(make_api, lsm, vm_params):
     assert env.legality(env.dst_sd_id, img, snap) == "LEGAL"
     g.wait_acks(g.acks() + 10)
     api2.vm_destroy(g.vm_id)
+
+
+def test_copy_xml_names_the_destination_chain():
+    chain = [
+        drive_mod.Volume("b", "/run/sd/img/b", "RAW"),
+        drive_mod.Volume("l", "/run/sd/img/l", "COW"),
+    ]
+    r = drive_mod.Replica("p", "sd", "img", "l", chain=chain)
+
+    root = ET.fromstring(replication.copy_xml(r))
+
+    assert root.get("type") == "file"
+    assert root.find("source").get("file") == "/run/sd/img/l"
+    assert root.find("driver").get("type") == "qcow2"
+    backing = root.find("backingStore")
+    assert backing.find("source").get("file") == "/run/sd/img/b"
+    assert backing.find("format").get("type") == "raw"
+    assert backing.find("backingStore").attrib == {}
+
+
+def test_live_mirror_ready():
+    xml = """<domain><devices>
+      <disk type='file' device='disk'><target dev='vda'/>
+        <mirror type='file' job='copy' ready='yes'/></disk>
+      <disk type='file' device='disk'><target dev='vdb'/>
+        <mirror type='file' job='copy'/></disk>
+      <disk type='file' device='disk'><target dev='vdc'/></disk>
+    </devices></domain>"""
+    assert replication.live_mirror_ready(xml, "vda") is True
+    assert replication.live_mirror_ready(xml, "vdb") is False
+    assert replication.live_mirror_ready(xml, "vdc") is None
+
+
+def test_replica_metadata_round_trip():
+    chain = [drive_mod.Volume("l", "/run/sd/img/l", "COW")]
+    d = drive_mod.Drive("vda", "p", "sd", "img", "l", "cow", chain, prepared=["l"])
+    d.replica = drive_mod.Replica(
+        "p", "sd2", "img", "l", chain=[drive_mod.Volume("l", "/run/sd2/img/l", "COW")],
+        state=drive_mod.READY, bandwidth=5, sync_writes=True, need_extend=False,
+    )
+
+    (back,) = metadata.from_xml(metadata.to_xml([d]))
+
+    assert back.replica == d.replica
