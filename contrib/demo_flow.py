@@ -2,10 +2,11 @@
 
 Runs against a live daemon (``--socket``) with real storage on this host:
 two file domains in one pool, an image (RAW base + COW leaf) that a running
-test guest writes to, a live snapshot, then a complete live storage
-migration onto the second domain (DESIGN section 1): ``Image.cloneStructure``,
-``VM.diskReplicateStart`` (the mirror), ``Image.syncData(INTERNAL)``, wait for
-the mirror to be ready, ``VM.diskReplicateFinish`` (the pivot), and
+test guest writes to, then a complete live storage migration onto the second
+domain by the move-disk flow (:class:`vdsm_lsm.move_disk.MoveDisk`, DESIGN
+section 1, with its progress bar): live snapshot, ``Image.cloneStructure``,
+``VM.diskReplicateStart`` (the mirror), ``Image.syncData(INTERNAL)``, wait
+for the mirror to be ready, ``VM.diskReplicateFinish`` (the pivot), and
 ``Image.delete`` of the source.  At the end the verifier proves every write
 the guest acknowledged, before and after the pivot, is on the destination
 chain, and everything is removed.
@@ -25,7 +26,7 @@ from typing import Any
 
 from contrib import guest
 from contrib.guest import verifier
-from vdsm_lsm import client
+from vdsm_lsm import client, move_disk
 
 MiB = 1024**2
 BLANK = "00000000-0000-0000-0000-000000000000"
@@ -73,7 +74,7 @@ class Flow:
 def run(rpc: client.Client, workdir: str) -> int:
     flow = Flow(rpc, workdir)
     pool_id, src_sd, dst_sd = new_id(), new_id(), new_id()
-    img_id, base_id, leaf_id, snap_id = new_id(), new_id(), new_id(), new_id()
+    img_id, base_id, leaf_id = new_id(), new_id(), new_id()
     vm_id = new_id()
     serial_log = os.path.join(workdir, "guest-serial.log")
     artifacts = guest.ensure_built()
@@ -118,42 +119,17 @@ def run(rpc: client.Client, workdir: str) -> int:
         serial = verifier.wait_for_acks(serial_log, 50, timeout=180)
         print(f"   guest acknowledged {len(serial.acks)} writes so far")
 
-        flow.say("Live snapshot: a new empty leaf; the VM now writes only to it")
-        task = flow.call("Volume.create", **common, volumeID=snap_id, size=size,
-                         volFormat="COW", preallocate="SPARSE", desc="snapshot",
-                         srcImgUUID=img_id, srcVolUUID=leaf_id)
-        flow.wait_task(task, "create snapshot leaf")
-        flow.call("VM.snapshot", vmID=vm_id, snapDrives=[
-            {"domainID": src_sd, "imageID": img_id, "baseVolumeID": leaf_id,
-             "volumeID": snap_id}])
-        stats = flow.call("VM.getStats", vmID=vm_id, quiet=True)
-        chain = [v["volumeID"] for v in stats["disks"]["vda"]["volumeChain"]]
-        print(f"   vda chain now: {' <- '.join(c[:8] for c in chain)}")
-
-        flow.say("SPM: clone the image's structure onto the destination (ILLEGAL, empty)")
-        task = flow.call("Image.cloneStructure", imageID=img_id, storagepoolID=pool_id,
-                         storagedomainID=src_sd, dstSdUUID=dst_sd)
-        flow.wait_task(task, "cloneStructure")
-
-        flow.say("Start the mirror: QEMU copies the leaf and mirrors new writes")
-        src_disk = {"poolID": pool_id, "domainID": src_sd, "imageID": img_id,
-                    "volumeID": snap_id}
-        dst_disk = {**src_disk, "domainID": dst_sd}
-        flow.call("VM.diskReplicateStart", vmID=vm_id, srcDisk=src_disk, dstDisk=dst_disk)
-        rep = flow.call("VM.getStats", vmID=vm_id, quiet=True)["disks"]["vda"]["replicate"]
-        print(f"   replicate: state={rep['state']} cur={rep['cur']} end={rep['end']}")
-
-        flow.say("SPM: copy the internal volumes while the guest keeps writing")
-        task = flow.call("Image.syncData", imageID=img_id, storagepoolID=pool_id,
-                         storagedomainID=src_sd, dstSdUUID=dst_sd, syncType="INTERNAL")
-        flow.wait_task(task, "syncData INTERNAL")
-        show_destination(rpc, pool_id, dst_sd, img_id, (base_id, leaf_id, snap_id))
-
-        flow.say("Wait for the mirror to be ready (cur == end)")
-        wait_ready(rpc, vm_id)
-
-        flow.say("Pivot: the VM switches to the destination chain")
-        flow.call("VM.diskReplicateFinish", vmID=vm_id, srcDisk=src_disk, dstDisk=dst_disk)
+        flow.say("Move the disk to the destination domain while the guest writes "
+                 "(vdsm_lsm.move_disk: live snapshot, cloneStructure, diskReplicateStart, "
+                 "syncData INTERNAL, wait for the mirror, diskReplicateFinish, "
+                 "Image.delete of the source)")
+        print(f"$ vdsm-lsm-client move-disk {vm_id} {dst_sd} --drive vda --delete-source",
+              flush=True)
+        mover = move_disk.MoveDisk(rpc, vm_id, dst_sd, drive="vda", delete_source=True,
+                                   progress=move_disk.ProgressBar(sys.stdout))
+        summary = mover.run()
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        snap_id = summary["volumeChain"][-1]
         disk = flow.call("VM.getStats", vmID=vm_id, quiet=True)["disks"]["vda"]
         print(f"   vda domain: {disk['domainID']} (destination {dst_sd})")
         for v in disk["volumeChain"]:
@@ -161,11 +137,13 @@ def run(rpc: client.Client, workdir: str) -> int:
         if disk["domainID"] != dst_sd or "replicate" in disk:
             print("   the VM is not on the destination")
             return 1
-        show_destination(rpc, pool_id, dst_sd, img_id, (base_id, leaf_id, snap_id))
+        show_destination(rpc, pool_id, dst_sd, img_id, tuple(summary["volumeChain"]))
+        flow.call("StorageDomain.getImages", storagedomainID=src_sd)
+        flow.call("StorageDomain.getImages", storagedomainID=dst_sd)
         acks = len(verifier.parse_log(serial_log).acks)
         serial = verifier.wait_for_acks(serial_log, acks + 100, timeout=180)
         print(f"   guest acknowledged {len(serial.acks)} writes so far "
-              f"({len(serial.acks) - acks} since the pivot)")
+              f"({len(serial.acks) - acks} since the move)")
 
         flow.say("Stop the VM; prove every acknowledged write is on the DESTINATION chain")
         flow.call("VM.destroy", vmID=vm_id)
@@ -176,12 +154,6 @@ def run(rpc: client.Client, workdir: str) -> int:
         if not result.ok:
             return 1
 
-        flow.say("SPM: delete the source image (step 6)")
-        task = flow.call("Image.delete", imageID=img_id, storagepoolID=pool_id,
-                         storagedomainID=src_sd)
-        flow.wait_task(task, "delete source image")
-        flow.call("StorageDomain.getImages", storagedomainID=src_sd)
-        flow.call("StorageDomain.getImages", storagedomainID=dst_sd)
         return 0
     finally:
         print("\n== Clean-up", flush=True)
@@ -194,25 +166,6 @@ def show_destination(rpc: client.Client, pool_id: str, sd_id: str, img_id: str,
         info = rpc.call("Volume.getInfo", storagepoolID=pool_id, storagedomainID=sd_id,
                         imageID=img_id, volumeID=vol)
         print(f"   destination {vol[:8]} {info['voltype']:<8} {info['legality']}")
-
-
-def wait_ready(rpc: client.Client, vm_id: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        rep = rpc.call("VM.getStats", vmID=vm_id)["disks"]["vda"]["replicate"]
-        now = (rep["state"], rep["cur"], rep["end"])
-        if now != last:
-            print(f"   replicate: state={rep['state']} cur={rep['cur']} end={rep['end']}",
-                  flush=True)
-            last = now
-        if rep["state"] == "ready" and rep["cur"] == rep["end"]:
-            return
-        if rep["state"] == "failed":
-            raise RuntimeError(f"mirror failed: {rep}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"mirror not ready after {timeout}s: {rep}")
-        time.sleep(0.2)
 
 
 def _cleanup(rpc: client.Client, vm_running: bool, created_pool: bool, vm_id: str,

@@ -10,6 +10,13 @@ Values are parsed as JSON where they parse (``size=1073741824``,
 JSON; an error prints its code and message and exits with status 1.
 ``vdsm-lsm-client -h`` lists the verbs, ``Namespace verb -h`` their params,
 both from the schema.
+
+    vdsm-lsm-client [connection options] move-disk VMID DSTDOMAIN [--drive vda]
+                    [--pool POOL] [--delete-source] [--bandwidth MiB/s] [--timeout S]
+
+runs the whole live storage migration of a running VM's drive
+(:mod:`vdsm_lsm.move_disk`) with a progress bar on stderr, and prints a
+JSON summary.
 """
 
 from __future__ import annotations
@@ -238,13 +245,27 @@ def method_from_words(api: Any, words: list[str]) -> tuple[str, list[str]]:
     raise ValueError(f"unknown verb: {' '.join(words[:2])} (see vdsm-lsm-client -h)")
 
 
+MOVE_DISK_USAGE = (
+    "Flow (vdsm-lsm-client [connection options] move-disk -h for options):\n"
+    "  move-disk VMID DSTDOMAIN [--drive vda] [--pool POOL] [--delete-source]"
+    " [--bandwidth MiB/s] [--timeout S]"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if "move-disk" in argv:
+        from vdsm_lsm import move_disk
+
+        at = argv.index("move-disk")
+        return move_disk.main(argv[:at], argv[at + 1 :])
     args = parser.parse_args(argv)
     api = _load_schema()
     if not args.words:
         print(parser.format_usage().strip())
         print(format_verbs(api))
+        print(MOVE_DISK_USAGE)
         return 0 if args.help else 2
     try:
         method, pairs = method_from_words(api, args.words)
