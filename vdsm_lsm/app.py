@@ -52,7 +52,14 @@ class App:
         self.storage = storage_api.StorageAPI.from_config(cfg)
         self.image_ops = image_ops.ImageOps(self.storage, cfg.irs.copy_rate_limit_mb)
         self.virt = virt_api.API(
-            self.storage, virt_api.Config(libvirt_uri=cfg.libvirt.uri, accel=cfg.vm.accel)
+            self.storage,
+            virt_api.Config(
+                libvirt_uri=cfg.libvirt.uri,
+                accel=cfg.vm.accel,
+                monitor_interval=cfg.thinp.monitor_interval,
+                utilization_percent=cfg.irs.volume_utilization_percent,
+                chunk_mb=cfg.irs.volume_utilization_chunk_mb,
+            ),
         )
         self.storage.error_code = self.schema.code_of
         self.host = host.HostAPI(self.virt.connection.get, self.modes, lvm_users)

@@ -36,6 +36,7 @@ from virt import (
     replication,
     snapshot,
     storage_iface,
+    thinp,
     vmparams,
 )
 from virt import drive as drive_mod
@@ -50,6 +51,12 @@ class Config:
     # Default of vmParams.accel ([vm] accel): "kvm", or "tcg" where KVM cannot
     # run the guest.
     accel: str = "kvm"
+    # Watermark monitor (virt/thinp.py): [thinp] monitor_interval in seconds,
+    # 0 runs none (nothing extends thin volumes); [irs]
+    # volume_utilization_percent and volume_utilization_chunk_mb.
+    monitor_interval: float = 0.0
+    utilization_percent: int = 20
+    chunk_mb: int = 2560
 
 
 class API:
@@ -66,6 +73,19 @@ class API:
         self.connection = connection.Connection(
             config.libvirt_uri, dispatch=self.events, on_reconnect=self._resync
         )
+        self.thinp: thinp.Monitor | None = None
+        if config.monitor_interval > 0:
+            self.thinp = thinp.Monitor(
+                storage,
+                self.vms,
+                thinp.Config(
+                    interval=config.monitor_interval,
+                    utilization_percent=config.utilization_percent,
+                    chunk_mb=config.chunk_mb,
+                ),
+            )
+            self.events.threshold_hooks.append(self.thinp.on_threshold)
+            self.events.io_error_hooks.append(self.thinp.on_io_error)
 
     # Life cycle
 
@@ -79,9 +99,13 @@ class API:
                     self._vms[vm.id] = vm
         finally:
             self._recovering = False
+        if self.thinp is not None:
+            self.thinp.start()
 
     def stop(self) -> None:
         """Close the connection; running VMs keep running (recovered at next start)."""
+        if self.thinp is not None:
+            self.thinp.stop()
         self.connection.close()
 
     def get_vm(self, vm_id: str) -> vm_mod.VM:
@@ -154,8 +178,10 @@ class API:
     ) -> bool:
         replication.start(
             self.get_vm(vm_id), self._storage, src_disk, dst_disk, need_extend, bandwidth,
-            sync_writes,
+            sync_writes, before_copy=self.thinp.prepare_replica if self.thinp else None,
         )
+        if self.thinp is not None:
+            self.thinp.wake()
         return True
 
     def vm_disk_replicate_finish(

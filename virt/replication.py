@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import Any
 
 import libvirt
@@ -81,8 +82,14 @@ def start(
     need_extend: bool = True,
     bandwidth: int = 0,
     sync_writes: bool = False,
+    before_copy: Callable[[vm_mod.VM, drive_mod.Drive, drive_mod.Replica], None] | None = None,
 ) -> None:
-    """Start mirroring the drive running src_disk into dst_disk (VM.diskReplicateStart)."""
+    """Start mirroring the drive running src_disk into dst_disk (VM.diskReplicateStart).
+
+    before_copy(vm, drive, replica) runs before the mirror starts (the
+    watermark monitor gives a thin replica the source's size); its error
+    fails the start.
+    """
     with vm.lock:
         d = _find_drive(vm, src_disk)
         if vm.status == vm_mod.DOWN:
@@ -107,6 +114,8 @@ def start(
             raise errors.ImageError(str(e), sd_id=ids[1], img_id=ids[2], vol_id=ids[3]) from e
         try:
             replica = _replica(vm, d, ids, result, need_extend, bandwidth, sync_writes)
+            if before_copy is not None:
+                before_copy(vm, d, replica)
             _block_copy(vm, d, replica)
         except BaseException:
             d.replica = None

@@ -5,7 +5,7 @@ volume (its path and the chain below it, reachable through the prepare
 links), gives the reference back when done, and later asks for extensions.
 The daemon passes an object with these methods: storage's API provider
 (``storage.api.StorageAPI``) has them (``prepare``, ``teardown``,
-``volume_get_info``, ``set_volume_legality``).
+``volume_get_info``, ``set_volume_legality``, ``extend``, ``refresh``).
 
 Errors: storage raises its own coded errors (subclasses of
 ``rpc.errors.Error``, e.g. VolumeDoesNotExist); virt lets them through to the
@@ -43,4 +43,13 @@ class Storage(Protocol):
         self, pool_id: str, sd_id: str, img_id: str, vol_id: str, legal: bool
     ) -> None:
         """Mark the volume LEGAL (legal=True) or ILLEGAL."""
+        ...
+
+    def extend(self, pool_id: str, sd_id: str, img_id: str, vol_id: str, new_size: int) -> int:
+        """SPM: grow a thin block volume to new_size bytes (capped at its
+        maximum size); returns its size, read back."""
+        ...
+
+    def refresh(self, pool_id: str, sd_id: str, img_id: str, vol_id: str) -> int:
+        """HSM: make the local device follow an extended volume; returns its size."""
         ...

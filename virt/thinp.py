@@ -1,0 +1,375 @@
+"""The watermark monitor: extends thin volumes of running VMs before they fill.
+
+A COW volume on a block domain is an LV that starts at one chunk and grows
+by extension (DESIGN sections 1 and 6). :class:`Monitor` watches every such
+drive (COW leaf reached as a block device) of every VM:
+
+- it sets a libvirt block threshold on the drive at ``physical - watermark``
+  (``watermark = chunk * utilization_percent / 100``: VDSM's meaning, extend
+  when the free space left in the LV drops below that); the BLOCK_THRESHOLD
+  event (``threshold_hooks``) wakes the monitor at once;
+- it also polls every ``interval`` seconds (``blockInfo``: allocation vs
+  physical) in case an event was missed (reconnect, restart, a threshold
+  already crossed when set);
+- when the allocation crosses ``physical - watermark`` the volume grows to
+  ``physical + chunk`` (at most its maximum size, ``capacity * 1.1``; storage
+  caps too) through the storage interface: ``extend`` (SPM) then ``refresh``
+  (HSM), then a new threshold is set;
+- while the drive is mirrored (a replication with ``need_extend``) to a
+  block destination, the **replica is extended first, then the source**, to
+  the same size, so the mirror never has less room than the source;
+- a VM paused with pause code ENOSPC (``io_error_hooks``) has its thin drives
+  extended and is resumed once every extension succeeded. A failed
+  extension leaves the VM paused (and the mirror running); the next cycle
+  retries.
+
+One thread per daemon::
+
+    mon = Monitor(storage, api.vms, thinp.Config(interval=2, utilization_percent=20,
+                                                   chunk_mb=2560))
+    api.events.threshold_hooks.append(mon.on_threshold)
+    api.events.io_error_hooks.append(mon.on_io_error)
+    mon.start() ... mon.stop()
+
+The decision (:func:`watermark`, :func:`needs_extension`, :func:`next_size`)
+is plain arithmetic, testable without libvirt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import libvirt
+
+from virt import drive as drive_mod
+from virt import storage_iface
+from virt import vm as vm_mod
+
+log = logging.getLogger("virt.thinp")
+
+MiB = 1024**2
+# Most a COW volume may take: its capacity plus qcow2 metadata (as storage).
+COW_OVERHEAD = 1.1
+# How long a cycle waits for a VM busy with another operation before skipping it.
+LOCK_TIMEOUT = 1.0
+
+
+@dataclasses.dataclass
+class Config:
+    interval: float = 2.0  # [thinp] monitor_interval, seconds
+    utilization_percent: int = 20  # [irs] volume_utilization_percent
+    chunk_mb: int = 2560  # [irs] volume_utilization_chunk_mb
+
+    @property
+    def chunk(self) -> int:
+        return self.chunk_mb * MiB
+
+
+# Decision
+
+
+def watermark(chunk: int, utilization_percent: int) -> int:
+    """Free bytes left in the LV below which it is extended."""
+    return chunk * utilization_percent // 100
+
+
+def max_size(capacity: int) -> int:
+    """The most bytes a COW volume of this virtual size may take."""
+    return int(capacity * COW_OVERHEAD)
+
+
+def threshold(physical: int, mark: int) -> int:
+    """The block threshold for a volume of physical bytes (0: none)."""
+    return max(physical - mark, 0)
+
+
+def needs_extension(capacity: int, allocation: int, physical: int, mark: int) -> bool:
+    """Whether the allocation crossed physical - watermark and there is room to grow."""
+    return allocation >= physical - mark and physical < max_size(capacity)
+
+
+def next_size(capacity: int, physical: int, chunk: int) -> int:
+    """The size to extend to: one chunk more, at most the maximum size."""
+    return min(physical + chunk, max(max_size(capacity), physical))
+
+
+def extension_plan(
+    capacity: int, physical: int, replica_physical: int | None, chunk: int
+) -> list[tuple[str, int]]:
+    """The extensions to grow a drive: [("replica", size), ("source", size)].
+
+    The replica (when there is one to extend) comes first and gets the same
+    size as the source, never less than the source has now.
+    """
+    size = next_size(capacity, physical, chunk)
+    plan = []
+    if replica_physical is not None and replica_physical < size:
+        plan.append(("replica", size))
+    if physical < size:
+        plan.append(("source", size))
+    return plan
+
+
+# The monitor
+
+
+class ExtensionFailed(Exception):
+    pass
+
+
+class Monitor:
+    def __init__(
+        self,
+        storage: storage_iface.Storage,
+        vms: Callable[[], list[vm_mod.VM]],
+        config: Config,
+    ) -> None:
+        self._storage = storage
+        self._vms = vms
+        self.config = config
+        self.mark = watermark(config.chunk, config.utilization_percent)
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        # vm id -> drive names that hit ENOSPC (None: unknown drive).
+        self._enospc: dict[str, set[str | None]] = {}
+        self._lock = threading.Lock()
+        self.cycles = 0
+
+    # Life cycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="thinp-monitor", daemon=True)
+        self._thread.start()
+        log.info(
+            "Watermark monitor started interval=%s chunk_mb=%d utilization_percent=%d",
+            self.config.interval, self.config.chunk_mb, self.config.utilization_percent,
+        )
+
+    def stop(self) -> None:
+        t = self._thread
+        if t is None:
+            return
+        self._stopping.set()
+        self._wakeup.set()
+        t.join()
+        self._thread = None
+        log.info("Watermark monitor stopped")
+
+    def wake(self) -> None:
+        """Check all VMs now (rather than at the next interval)."""
+        self._wakeup.set()
+
+    # Event hooks (event loop thread: only note and wake)
+
+    def on_threshold(
+        self, vm: vm_mod.VM, d: drive_mod.Drive, dev: str, path: str, threshold: int, excess: int
+    ) -> None:
+        self.wake()
+
+    def on_io_error(self, vm: vm_mod.VM, d: drive_mod.Drive | None, reason: str) -> None:
+        if vm_mod.pause_code_of(reason) != vm_mod.ENOSPC:
+            return
+        with self._lock:
+            self._enospc.setdefault(vm.id, set()).add(d.name if d is not None else None)
+        self.wake()
+
+    # The thread
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wakeup.clear()
+            try:
+                self.check_all()
+            except Exception:
+                log.exception("Watermark monitor cycle failed")
+            self._wakeup.wait(self.config.interval)
+
+    def check_all(self) -> None:
+        self.cycles += 1
+        for vm in self._vms():
+            if self._stopping.is_set():
+                return
+            if vm.status == vm_mod.DOWN:
+                with self._lock:
+                    self._enospc.pop(vm.id, None)
+                continue
+            try:
+                self.check_vm(vm)
+            except Exception:
+                log.exception("Watermark check failed vm=%s", vm.id)
+
+    def check_vm(self, vm: vm_mod.VM) -> None:
+        """Extend the VM's thin drives that need it; resume it if paused on ENOSPC."""
+        if not vm.lock.acquire(timeout=LOCK_TIMEOUT):
+            log.debug("VM busy, checked next cycle vm=%s", vm.id)
+            return
+        try:
+            self._check_vm(vm)
+        finally:
+            vm.lock.release()
+
+    def _check_vm(self, vm: vm_mod.VM) -> None:
+        enospc = vm.status == vm_mod.PAUSED and vm.pause_code == vm_mod.ENOSPC
+        with self._lock:
+            flagged = self._enospc.get(vm.id, set()) if enospc else set()
+            if not enospc:
+                self._enospc.pop(vm.id, None)
+        thin = [d for d in vm.drives if is_thin(d)]
+        ok = True
+        room: dict[str, bool] = {}
+        for d in thin:
+            try:
+                room[d.name] = self._check_drive(vm, d)
+            except ExtensionFailed:
+                ok = False
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                log.warning("Watermark check failed vm=%s drive=%s error=%s", vm.id, d.name, e)
+                ok = False
+        if not enospc:
+            return
+        names = {n for n in flagged if n is not None} or {d.name for d in thin}
+        if not thin or any(n not in room and vm.drive(n) not in thin for n in names):
+            # Out of space on a drive that is not ours to extend.
+            log.debug("VM paused on ENOSPC of a drive not monitored vm=%s", vm.id)
+            return
+        if not ok or not all(room.get(n, False) for n in names):
+            log.warning("VM stays paused on ENOSPC, no room made yet vm=%s", vm.id)
+            return
+        self._resume(vm)
+
+    def _resume(self, vm: vm_mod.VM) -> None:
+        if vm.status != vm_mod.PAUSED or vm.pause_code != vm_mod.ENOSPC:
+            return
+        try:
+            vm.call(lambda dom: dom.resume())
+        except libvirt.libvirtError as e:
+            log.warning("Cannot resume vm=%s after extension: %s", vm.id, e)
+            return
+        vm.set_status(vm_mod.UP)
+        with self._lock:
+            self._enospc.pop(vm.id, None)
+        log.info("Resumed vm=%s after extending its thin drives", vm.id)
+
+    def _check_drive(self, vm: vm_mod.VM, d: drive_mod.Drive) -> bool:
+        """Extend the drive if it needs it; whether it has room (is below its watermark).
+
+        Raises ExtensionFailed if an extension failed.
+        """
+        capacity, allocation, physical = vm.call(lambda dom: dom.blockInfo(d.name, 0))
+        d.update_sizes(capacity, allocation, physical)
+        r = d.replica
+        replica_physical = None
+        if replica_needs_extend(r):
+            assert r is not None
+            replica_physical = device_size(r.path)
+            if replica_physical < physical:
+                # The mirror must never have less room than the source.
+                self._extend(vm, d, "replica", physical, replica_physical)
+                replica_physical = physical
+        if needs_extension(capacity, allocation, physical, self.mark):
+            log.info(
+                "Volume needs extension vm=%s drive=%s allocation=%d physical=%d watermark=%d",
+                vm.id, d.name, allocation, physical, self.mark,
+            )
+            for which, size in extension_plan(
+                capacity, physical, replica_physical, self.config.chunk
+            ):
+                old = physical if which == "source" else replica_physical
+                self._extend(vm, d, which, size, old or 0)
+            capacity, allocation, physical = vm.call(lambda dom: dom.blockInfo(d.name, 0))
+            d.update_sizes(capacity, allocation, physical)
+        self._set_threshold(vm, d, capacity, physical)
+        return allocation < physical - self.mark
+
+    def _extend(self, vm: vm_mod.VM, d: drive_mod.Drive, which: str, size: int, old: int) -> None:
+        if which == "replica":
+            r = d.replica
+            assert r is not None
+            ids = (r.pool_id, r.domain_id, r.image_id, r.volume_id)
+        else:
+            ids = (d.pool_id, d.domain_id, d.image_id, d.volume_id)
+        start = time.monotonic()
+        try:
+            self._storage.extend(*ids, size)
+            new = self._storage.refresh(*ids)
+        except Exception as e:
+            log.error(
+                "Extension failed vm=%s drive=%s which=%s sd=%s img=%s vol=%s old=%d new=%d: %s",
+                vm.id, d.name, which, ids[1], ids[2], ids[3], old, size, e,
+            )
+            raise ExtensionFailed(str(e)) from e
+        log.info(
+            "Extended vm=%s drive=%s which=%s sd=%s img=%s vol=%s old=%d new=%d "
+            "requested=%d elapsed=%.3f",
+            vm.id, d.name, which, ids[1], ids[2], ids[3], old, new, size,
+            time.monotonic() - start,
+        )
+
+    def _set_threshold(
+        self, vm: vm_mod.VM, d: drive_mod.Drive, capacity: int, physical: int
+    ) -> None:
+        if physical >= max_size(capacity):
+            return
+        value = threshold(physical, self.mark)
+        if value == 0 or value == d.threshold:
+            return
+        vm.call(lambda dom: dom.setBlockThreshold(d.name, value, 0))
+        d.threshold = value
+        log.debug("Set block threshold vm=%s drive=%s threshold=%d", vm.id, d.name, value)
+
+    # Replication
+
+    def prepare_replica(self, vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
+        """Before the mirror starts: give a thin block replica the source's size.
+
+        Raises the storage error if the extension fails (the replication is
+        not started).
+        """
+        if not (is_thin(d) and r.need_extend and r.disk_type == drive_mod.BLOCK):
+            return
+        _, _, physical = vm.call(lambda dom: dom.blockInfo(d.name, 0))
+        have = device_size(r.path)
+        if have >= physical:
+            return
+        ids = (r.pool_id, r.domain_id, r.image_id, r.volume_id)
+        self._storage.extend(*ids, physical)
+        new = self._storage.refresh(*ids)
+        log.info(
+            "Extended vm=%s drive=%s which=replica sd=%s img=%s vol=%s old=%d new=%d "
+            "(before mirroring)",
+            vm.id, d.name, ids[1], ids[2], ids[3], have, new,
+        )
+
+
+def is_thin(d: drive_mod.Drive) -> bool:
+    """A COW leaf on a block device: it grows by extension."""
+    return d.format == drive_mod.COW and d.disk_type == drive_mod.BLOCK
+
+
+def replica_needs_extend(r: drive_mod.Replica | None) -> bool:
+    return (
+        r is not None
+        and r.need_extend
+        and r.disk_type == drive_mod.BLOCK
+        and r.state != drive_mod.FAILED
+    )
+
+
+def device_size(path: str) -> int:
+    """Size in bytes of a block device (or file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
