@@ -86,17 +86,25 @@ class Activation:
 
     mode = ""
 
-    def activate(self, vg: str, lv: str) -> str:
-        """Make vg/lv reachable; return its device.  Idempotent."""
+    def activate(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> str:
+        """Make vg/lv reachable; return its device.  Idempotent.
+
+        vg_state: a reading of vg the caller holds (:meth:`lvm.LVM.vg_state`);
+        loop mode maps the LV from it, instead of reading its layout, if no
+        command of this process changed the VG since.
+        """
         raise NotImplementedError
 
     def deactivate(self, vg: str, lv: str) -> None:
         """Release vg/lv's device.  Not an error if it is not active."""
         raise NotImplementedError
 
-    def refresh(self, vg: str, lv: str) -> int:
+    def refresh(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> int:
         """Make an active vg/lv's device follow its current metadata (after
-        an lvextend, maybe by another host); return the device's size."""
+        an lvextend, maybe by another host); return the device's size.
+
+        vg_state: a reading of vg taken for this refresh, as in :meth:`activate`.
+        """
         raise NotImplementedError
 
     def is_active(self, vg: str, lv: str) -> bool:
@@ -117,7 +125,7 @@ class DMActivation(Activation):
     def __init__(self, lvm_: lvm.LVM) -> None:
         self.lvm = lvm_
 
-    def activate(self, vg: str, lv: str) -> str:
+    def activate(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> str:
         self.lvm.lvchange_activate(vg, lv, True)
         return _dm_path(vg, lv)
 
@@ -125,7 +133,7 @@ class DMActivation(Activation):
         if os.path.exists(_dm_path(vg, lv)):
             self.lvm.lvchange_activate(vg, lv, False)
 
-    def refresh(self, vg: str, lv: str) -> int:
+    def refresh(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> int:
         self.lvm.lvchange_refresh(vg, lv)
         return loop.size(_dm_path(vg, lv))
 
@@ -148,13 +156,13 @@ class LoopActivation(Activation):
         self.state_dir = os.path.join(run_dir, "loop")
         self.direct_io = direct_io
 
-    def activate(self, vg: str, lv: str) -> str:
+    def activate(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> str:
         with self._lock(vg, lv):
             dev = self._current(vg, lv)
             if dev is not None:
                 log.debug("LV already active vg=%s lv=%s dev=%s", vg, lv, dev)
                 return dev
-            pv, offset, sizelimit = self._mapping(vg, lv)
+            pv, offset, sizelimit = self._mapping(vg, lv, vg_state)
             state = {"device": None, "backing": pv, "offset": offset}
 
             def record(candidate: str) -> None:
@@ -203,12 +211,12 @@ class LoopActivation(Activation):
             self._remove_state(vg, lv)
             log.info("Deactivated LV vg=%s lv=%s dev=%s", vg, lv, dev)
 
-    def refresh(self, vg: str, lv: str) -> int:
+    def refresh(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> int:
         with self._lock(vg, lv):
             dev = self._current(vg, lv)
             if dev is None:
                 raise errors.LogicalVolumeRefreshError(vg=vg, lv=lv, reason="not active")
-            pv, offset, sizelimit = self._mapping(vg, lv)
+            pv, offset, sizelimit = self._mapping(vg, lv, vg_state)
             st = loop.status(dev)
             assert st is not None  # checked by _current
             if not st.backed_by(pv) or st.offset != offset:
@@ -239,9 +247,21 @@ class LoopActivation(Activation):
 
     # Helpers
 
-    def _mapping(self, vg: str, lv: str) -> tuple[str, int, int]:
-        """(pv, offset, sizelimit) of vg/lv from the LVM metadata."""
-        layout = self.lvm.lv_layout(vg, lv)
+    def _mapping(
+        self, vg: str, lv: str, vg_state: lvm.VGState | None = None
+    ) -> tuple[str, int, int]:
+        """(pv, offset, sizelimit) of vg/lv from the LVM metadata: from
+        vg_state if it is a current reading of vg listing lv, else read now.
+
+        Called under the LV's lock, so an lvextend by this process either
+        makes vg_state stale before the check, or finds the LV active after
+        the mapping and refreshes it (storage/extend.py).
+        """
+        st = vg_state
+        if st is not None and st.vg.name == vg and lv in st.lvs and st.current():
+            layout = st.layout(lv)
+        else:
+            layout = self.lvm.lv_layout(vg, lv)
         segments = lvm.merged_segments(layout.segments)
         if len(segments) != 1:
             raise errors.LogicalVolumeNotContiguous(

@@ -19,6 +19,9 @@ pool disconnects or the domain is formatted.
 
 Volume operations (sizes, allocation inside per-volume PE reservations in
 loop activation mode, extension, removal) are in :mod:`storage.block_volume`.
+An operation reads the VG once (:meth:`BlockDomainManifest.reading`, one
+``pvs``) for its listings, allocation and loop mappings, and again only
+after it changed the VG itself.
 The ``master`` LV stores SPM task records (:class:`MasterStore`).
 """
 
@@ -30,7 +33,8 @@ import os
 import stat
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from storage import activation, block_volume, clusterlock, errors, lvm, sd, volume
@@ -94,6 +98,7 @@ class BlockDomainManifest(sd.DomainManifest):
         self.activation = activation.open(self.mode, self.lvm, env.run_dir)
         self.oop = env.oop
         self._extent_size: int | None = None
+        self._local = threading.local()  # .depth, .state: see reading()
 
     def extent_size(self) -> int:
         """The VG's extent size in bytes (fixed at creation; read once)."""
@@ -118,16 +123,57 @@ class BlockDomainManifest(sd.DomainManifest):
         data = _pad(sd.dump_metadata(fields), DOMAIN_MD_SIZE)
         self.oop.write_direct(self.special_path("metadata"), 0, data)
 
+    # One reading of the VG per operation.
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Within the block, this thread's listings of the VG come from one
+        :meth:`lvm.LVM.vg_state` reading, taken on first use and taken again
+        after any command of this process changed the VG; it is dropped at
+        the end of the outermost block.  For one operation (other hosts do
+        not change a domain's LVs during an SPM operation), never longer."""
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                self._local.state = None
+
+    def vg_state(self) -> lvm.VGState | None:
+        """The reading of the VG of the enclosing :meth:`reading` block
+        (current), or None outside one."""
+        if not getattr(self._local, "depth", 0):
+            return None
+        state: lvm.VGState | None = getattr(self._local, "state", None)
+        if state is None or not state.current():
+            state = self._local.state = self.lvm.vg_state(self.vg)
+            if self._extent_size is None:
+                self._extent_size = state.vg.extent_size
+        return state
+
+    def vg_info(self) -> lvm.VG:
+        state = self.vg_state()
+        return state.vg if state is not None else self.lvm.vg_info(self.vg)
+
+    def lv_info(self, name: str) -> lvm.LV:
+        """An LV of the VG (LogicalVolumeDoesNotExistError if missing)."""
+        state = self.vg_state()
+        return state.lv(name) if state is not None else self.lvm.lv_info(self.vg, name)
+
     # LVs.
 
     def volume_lvs(self) -> dict[str, lvm.LV]:
         """LVs of volumes (not special LVs) by name."""
-        return {lv.name: lv for lv in self.lvm.lvs(self.vg) if lv.name not in SPECIAL_LVS}
+        state = self.vg_state()
+        lvs = state.lvs.values() if state is not None else self.lvm.lvs(self.vg)
+        return {lv.name: lv for lv in lvs if lv.name not in SPECIAL_LVS}
 
     def volume_lv(self, img_id: str, vol_id: str) -> lvm.LV:
         sd.check_uuid(img_id, vol_id)
         try:
-            lv = self.lvm.lv_info(self.vg, vol_id)
+            lv = self.lv_info(vol_id)
         except errors.LogicalVolumeDoesNotExistError as e:
             raise errors.VolumeDoesNotExist(vol_id=vol_id, sd_id=self.sd_id) from e
         if _tag(lv, TAG_IMAGE) != img_id:
@@ -141,7 +187,7 @@ class BlockDomainManifest(sd.DomainManifest):
         return int(slot)
 
     def slot_count(self) -> int:
-        md = self.lvm.lv_info(self.vg, "metadata")
+        md = self.lv_info("metadata")
         return (md.size - SLOT_BASE) // SLOT_SIZE
 
     def free_slot(self, lvs: dict[str, lvm.LV]) -> int:
@@ -165,7 +211,7 @@ class BlockDomainManifest(sd.DomainManifest):
     def find_volume(self, vol_id: str) -> str | None:
         sd.check_uuid(vol_id)
         try:
-            lv = self.lvm.lv_info(self.vg, vol_id)
+            lv = self.lv_info(vol_id)
         except errors.LogicalVolumeDoesNotExistError:
             return None
         return _tag(lv, TAG_IMAGE) or ""
@@ -266,9 +312,10 @@ class BlockDomain(sd.StorageDomain):
         block_volume.check_create(self, fmt, prealloc, capacity, initial_size, check_space)
 
     def activate_volume(self, img_id: str, vol_id: str) -> str:
-        # Callers found the volume in the image's chain just before.
+        # Callers found the volume in the image's chain just before (within
+        # a reading of the VG, whose layout loop activation then uses).
         sd.check_uuid(img_id, vol_id)
-        return self.activation.activate(self.vg, vol_id)
+        return self.activation.activate(self.vg, vol_id, vg_state=self.manifest.vg_state())
 
     def deactivate_volume(self, img_id: str, vol_id: str) -> None:
         self.activation.deactivate(self.vg, vol_id)

@@ -89,38 +89,46 @@ def check_create(dom: block_sd.BlockDomain, fmt: str, prealloc: str, capacity: i
         )
     if not check_space:
         return
-    vg = dom.lvm.vg_info(dom.vg)
-    size = initial_size(dom, fmt, prealloc, capacity, requested)
-    needed = extents(reservation(dom, fmt, capacity, size), vg.extent_size)
-    if dom.activation_mode == "loop":
+    with dom.manifest.reading():
+        state = dom.manifest.vg_state()
+        assert state is not None
+        vg = state.vg
+        size = initial_size(dom, fmt, prealloc, capacity, requested)
+        needed = extents(reservation(dom, fmt, capacity, size), vg.extent_size)
+        if dom.activation_mode != "loop":
+            if needed > vg.free_count:
+                raise errors.NoSpaceLeftOnDomain(
+                    sd_id=dom.sd_id, reason=f"needs {needed} extents, {vg.free_count} free"
+                )
+            return
         try:
-            dom.lvm.find_free_range(dom.vg, needed, reserved=reserved(dom.manifest.volume_lvs()))
+            state.find_free_range(needed, reserved=reserved(dom.manifest.volume_lvs()))
         except errors.VolumeGroupSizeError as e:
             raise errors.NoSpaceLeftOnDomain(sd_id=dom.sd_id, reason=str(e)) from e
-    elif needed > vg.free_count:
-        raise errors.NoSpaceLeftOnDomain(
-            sd_id=dom.sd_id, reason=f"needs {needed} extents, {vg.free_count} free"
-        )
 
 
 def allocate(dom: block_sd.BlockDomain, img_id: str, vol_id: str, md: volume.Metadata,
              requested: int | None) -> None:
-    """Create the volume's LV with its tags (claiming a metadata slot)."""
-    vg = dom.lvm.vg_info(dom.vg)
-    size = initial_size(dom, md.format, md.type, md.capacity, requested)
-    count = extents(size, vg.extent_size)
-    reserve = max(count, extents(reservation(dom, md.format, md.capacity, size), vg.extent_size))
-    lvs = dom.manifest.volume_lvs()
-    tags = [
-        TAG_IMAGE + img_id,
-        TAG_PARENT + md.parent,
-        TAG_SLOT + str(dom.manifest.free_slot(lvs)),
-    ]
-    pv_range = None
-    if dom.activation_mode == "loop":
-        tags.append(TAG_RESERVED + str(reserve))
-        rng = dom.lvm.find_free_range(dom.vg, reserve, reserved=reserved(lvs))
-        pv_range = lvm.pv_range(rng.pv, rng.first_pe, rng.first_pe + count - 1)
+    """Create the volume's LV with its tags (claiming a metadata slot).
+    One reading of the VG, then lvcreate."""
+    with dom.manifest.reading():
+        state = dom.manifest.vg_state()
+        assert state is not None
+        extent_size = state.vg.extent_size
+        size = initial_size(dom, md.format, md.type, md.capacity, requested)
+        count = extents(size, extent_size)
+        reserve = max(count, extents(reservation(dom, md.format, md.capacity, size), extent_size))
+        lvs = dom.manifest.volume_lvs()
+        tags = [
+            TAG_IMAGE + img_id,
+            TAG_PARENT + md.parent,
+            TAG_SLOT + str(dom.manifest.free_slot(lvs)),
+        ]
+        pv_range = None
+        if dom.activation_mode == "loop":
+            tags.append(TAG_RESERVED + str(reserve))
+            rng = state.find_free_range(reserve, reserved=reserved(lvs))
+            pv_range = lvm.pv_range(rng.pv, rng.first_pe, rng.first_pe + count - 1)
     try:
         dom.lvm.lvcreate(dom.vg, vol_id, count, tags=tags, pv_range=pv_range)
     except errors.VolumeGroupSizeError as e:
@@ -156,7 +164,7 @@ def create_data(dom: block_sd.BlockDomain, images: image.ImageManager, img_id: s
 def remove(dom: block_sd.BlockDomain, img_id: str, vol_id: str) -> None:
     """Deactivate and remove the LV, then clear its metadata slot; idempotent."""
     try:
-        lv = dom.lvm.lv_info(dom.vg, vol_id)
+        lv = dom.manifest.lv_info(vol_id)
     except errors.LogicalVolumeDoesNotExistError:
         return
     if tag(lv, TAG_IMAGE) != img_id:

@@ -74,11 +74,12 @@ class Extender:
         dom = self._get_domain(sd_id)
         if not isinstance(dom, block_sd.BlockDomain):
             return dom.manifest.volume_size(img_id, vol_id)[0]
-        with self._lock(sd_id, vol_id):
+        # One reading of the VG gives the LV's size and (loop mode) its layout.
+        with self._lock(sd_id, vol_id), dom.manifest.reading():
             lv = dom.manifest.volume_lv(img_id, vol_id)
             if not dom.activation.is_active(dom.vg, vol_id):
                 return lv.size
-            size = dom.activation.refresh(dom.vg, vol_id)
+            size = dom.activation.refresh(dom.vg, vol_id, vg_state=dom.manifest.vg_state())
             if size < lv.size:
                 raise errors.VolumeExtendingError(
                     vol_id=vol_id, sd_id=sd_id, size=lv.size, reason=f"device size is {size}"

@@ -127,7 +127,8 @@ class ImageManager:
         creation paths, which prepare volumes that are not complete yet).
         """
         sd_id = dom.sd_id
-        with self._image_lock(sd_id, img_id):
+        # One reading of the domain lists the chain and maps its volumes.
+        with self._image_lock(sd_id, img_id), dom.manifest.reading():
             vols = chain(dom.manifest, img_id, vol_id)
             if not allow_illegal:
                 for v, md in vols:

@@ -15,6 +15,10 @@ string built for that object:
   shared; a host-local backup of it would be stale at once).
 
 Reports are read with ``--reportformat json --units b --nosuffix``.
+:meth:`LVM.vg_state` reads a whole VG (PVs, LVs with their segments, free
+extents) in one command, so an operation can list, allocate and map LVs
+from one reading; a reading knows whether this process changed the VG since
+(:meth:`VGState.current`).
 Commands that change a VG are serialized per VG name within this process
 (lvm2's own file locks serialize processes on one host).  Failures raise the
 storage error for what was attempted (``CannotCreateLogicalVolume`` ...) or,
@@ -61,8 +65,17 @@ _VG_EXISTS = re.compile(r"volume group called .* already exists", re.IGNORECASE)
 _LV_EXISTS = re.compile(r"already exists in volume group")
 _NO_SPACE = re.compile(r"insufficient (free )?(space|extents)|Insufficient free", re.IGNORECASE)
 
+# pvs sorts by PV name by default ("/dev/loop10" before "/dev/loop9"); sorted
+# by the VG name alone, rows keep the VG's PV order (what vgs reports), each
+# PV's segments in PE order.  Followed by the --select expression.
+_VG_ORDER = ["--sort", "vg_name", "--select"]
+
 _vg_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 _vg_locks_guard = threading.Lock()
+# VG name -> number of commands of this process that changed it (or tried
+# to): a reading of the VG taken at generation g is current while the count
+# is still g.  Changes by other processes or hosts are not counted.
+_generations: collections.Counter[str] = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +159,51 @@ class PERange:
 
     def __str__(self) -> str:
         return pv_range(self.pv, self.first_pe, self.last_pe)
+
+
+@dataclasses.dataclass(frozen=True)
+class VGState:
+    """One reading of a VG (:meth:`LVM.vg_state`): the VG with its PVs, its
+    LVs with their segments, and its free extents, as one command saw them.
+
+    It answers what separate ``vgs``, ``lvs``, ``pvs`` and
+    :meth:`LVM.lv_layout` commands would have answered at that moment.  It
+    is :meth:`current` while no command of this process has changed the VG
+    since; changes by other hosts are not seen, so a reading is for one
+    operation (VDSM serializes metadata changes on the SPM), never kept.
+    """
+
+    vg: VG
+    lvs: dict[str, LV]  # by name; hidden LVs (``[name]``) left out
+    free: tuple[PERange, ...]  # in PV then PE order
+    generation: int
+
+    def current(self) -> bool:
+        """True if no command of this process changed the VG since the reading."""
+        return generation(self.vg.name) == self.generation
+
+    def lv(self, name: str) -> LV:
+        lv = self.lvs.get(name)
+        if lv is None:
+            raise errors.LogicalVolumeDoesNotExistError(vg=self.vg.name, lv=name)
+        return lv
+
+    def layout(self, name: str) -> Layout:
+        """What :meth:`LVM.lv_layout` answers for the LV name."""
+        lv = self.lv(name)
+        return Layout(
+            vg_name=self.vg.name,
+            name=name,
+            extent_size=self.vg.extent_size,
+            segments=lv.segments,
+            pe_starts={s.pv: self.vg.pv(s.pv).pe_start for s in lv.segments},
+        )
+
+    def find_free_range(
+        self, extents: int, reserved: Iterable[Segment | PERange] = ()
+    ) -> PERange:
+        """What :meth:`LVM.find_free_range` answers, from this reading."""
+        return _first_fit(self.vg.name, list(self.free), extents, reserved)
 
 
 def pv_range(pv: str, first_pe: int, last_pe: int) -> str:
@@ -509,7 +567,7 @@ class LVM:
         check_name(vg)
         fields = "vg_name,pv_name,pvseg_start,pvseg_size,lv_name"
         try:
-            rows = self._report("pvs", fields, "pv", [], extra_args=["--select", f"vg_name={vg}"])
+            rows = self._report("pvs", fields, "pv", [], extra_args=_VG_ORDER + [f"vg_name={vg}"])
         except errors.CommandFailed as e:
             _raise_not_found(e, vg)
             raise
@@ -536,12 +594,37 @@ class LVM:
         """
         if extents < 1:
             raise ValueError(f"Invalid extents={extents}")
-        for free in _subtract(self.free_ranges(vg), reserved):
-            if free.count >= extents:
-                return PERange(free.pv, free.first_pe, extents)
-        raise errors.VolumeGroupSizeError(
-            vg=vg, reason=f"no contiguous free range of {extents} extents"
+        return _first_fit(vg, self.free_ranges(vg), extents, reserved)
+
+    # Whole VG
+
+    def vg_state(self, vg: str) -> VGState:
+        """vg, its PVs, LVs and free extents in one lvm2 command.
+
+        One ``pvs --segments`` row per PV segment: an LV's rows give its
+        segments (ordered by their first extent in the LV), rows without an
+        LV the free ranges.  LVs without extents on a PV (thin, virtual) are
+        not listed; a domain's LVs are linear.
+        """
+        check_name(vg)
+        before = generation(vg)
+        fields = (
+            "vg_name,vg_extent_size,vg_extent_count,vg_free_count,vg_tags,"
+            "pv_name,pe_start,pv_pe_count,pv_pe_alloc_count,pvseg_start,pvseg_size,"
+            "lv_name,lv_size,lv_tags,lv_active,lv_attr,seg_start_pe"
         )
+        try:
+            rows = self._report(
+                "pvs", fields, "pvseg", [], extra_args=["--segments", *_VG_ORDER, f"vg_name={vg}"]
+            )
+        except errors.CommandFailed as e:
+            _raise_not_found(e, vg)
+            raise
+        rows = [r for r in rows if r["vg_name"] == vg]
+        if not rows:
+            self.vg_info(vg)  # raises VolumeGroupDoesNotExist
+            raise errors.VolumeGroupDoesNotExist(vg=vg)
+        return _make_state(vg, rows, before)
 
     # Running lvm2
 
@@ -590,10 +673,21 @@ class LVM:
 
 @contextmanager
 def _vg_lock(vg: str) -> Iterator[None]:
+    """Serialize a command changing vg; counts it in vg's generation."""
     with _vg_locks_guard:
         lock = _vg_locks[vg]
     with lock:
-        yield
+        try:
+            yield
+        finally:
+            with _vg_locks_guard:
+                _generations[vg] += 1
+
+
+def generation(vg: str) -> int:
+    """How many commands of this process changed (or tried to change) vg."""
+    with _vg_locks_guard:
+        return _generations[vg]
 
 
 def _check_device(dev: str) -> None:
@@ -676,3 +770,76 @@ def _subtract(free: list[PERange], reserved: Iterable[Segment | PERange]) -> lis
                 next_result.append(PERange(r.pv, res.last_pe + 1, r.last_pe - res.last_pe))
         result = next_result
     return result
+
+
+def _first_fit(
+    vg: str, free: list[PERange], extents: int, reserved: Iterable[Segment | PERange]
+) -> PERange:
+    if extents < 1:
+        raise ValueError(f"Invalid extents={extents}")
+    for rng in _subtract(free, reserved):
+        if rng.count >= extents:
+            return PERange(rng.pv, rng.first_pe, extents)
+    raise errors.VolumeGroupSizeError(
+        vg=vg, reason=f"no contiguous free range of {extents} extents"
+    )
+
+
+def _make_state(vg: str, rows: list[dict[str, str]], gen: int) -> VGState:
+    first = rows[0]
+    extent_size = int(first["vg_extent_size"])
+    pvs: dict[str, PV] = {}
+    free: list[PERange] = []
+    lv_rows: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        name = r["pv_name"]
+        if name not in pvs:
+            pvs[name] = PV(
+                name=name,
+                pe_start=int(r["pe_start"]),
+                pe_count=int(r["pv_pe_count"]),
+                pe_alloc_count=int(r["pv_pe_alloc_count"]),
+            )
+        lv = r["lv_name"]
+        if not lv:
+            if int(r["pvseg_size"]) > 0:
+                free.append(PERange(name, int(r["pvseg_start"]), int(r["pvseg_size"])))
+        elif not lv.startswith("["):
+            lv_rows.setdefault(lv, []).append(r)
+    order = {pv: i for i, pv in enumerate(pvs)}
+    free.sort(key=lambda f: (order[f.pv], f.first_pe))
+    lvs: dict[str, LV] = {}
+    for name, segs in sorted(lv_rows.items()):
+        segs.sort(key=lambda r: int(r["seg_start_pe"]))
+        lv_first = segs[0]
+        size = int(lv_first["lv_size"])
+        lvs[name] = LV(
+            vg_name=vg,
+            name=name,
+            size=size,
+            extent_count=size // extent_size,
+            tags=_tags(lv_first["lv_tags"]),
+            segments=tuple(
+                Segment(
+                    r["pv_name"],
+                    int(r["pvseg_start"]),
+                    int(r["pvseg_start"]) + int(r["pvseg_size"]) - 1,
+                )
+                for r in segs
+            ),
+            active={"active": True, "": False}.get(lv_first["lv_active"]),
+            attr=lv_first["lv_attr"],
+        )
+    return VGState(
+        vg=VG(
+            name=first["vg_name"],
+            extent_size=extent_size,
+            extent_count=int(first["vg_extent_count"]),
+            free_count=int(first["vg_free_count"]),
+            tags=_tags(first["vg_tags"]),
+            pvs=tuple(pvs.values()),
+        ),
+        lvs=lvs,
+        free=tuple(free),
+        generation=gen,
+    )

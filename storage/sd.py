@@ -19,6 +19,7 @@ a domain object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -127,6 +128,13 @@ class DomainManifest:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.sd_id}>"
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """One operation's listings of the domain may come from one reading
+        of the storage within the block (block domains: one ``pvs`` of the
+        VG, see :meth:`storage.block_sd.BlockDomainManifest.reading`)."""
+        yield
 
     # Domain metadata: implemented by subclasses.
 
@@ -300,6 +308,22 @@ class StorageDomain:
         """Refuse a creation that is invalid on its face; returns the parent's
         metadata.  check_space: also refuse what would not fit (the allocation
         itself checks again, exactly)."""
+        with self.manifest.reading():
+            return self._validate_create(
+                img_id, vol_id, capacity, fmt, prealloc, parent_id, initial_size, check_space
+            )
+
+    def _validate_create(
+        self,
+        img_id: str,
+        vol_id: str,
+        capacity: int,
+        fmt: str,
+        prealloc: str,
+        parent_id: str,
+        initial_size: int | None,
+        check_space: bool,
+    ) -> volume.Metadata | None:
         check_uuid(img_id, vol_id, parent_id)
         if fmt not in volume.FORMATS:
             raise errors.IncorrectFormat(format=fmt, reason="unknown format")
@@ -355,6 +379,27 @@ class StorageDomain:
         on_allocated is called once something exists on storage, so a caller
         knows it must remove the volume if a later step fails.
         """
+        with self.manifest.reading():
+            self._create_volume(
+                images, img_id, vol_id, capacity, fmt, prealloc, parent_id, description,
+                initial_size, cluster_size, legal, on_allocated,
+            )
+
+    def _create_volume(
+        self,
+        images: image.ImageManager,
+        img_id: str,
+        vol_id: str,
+        capacity: int,
+        fmt: str,
+        prealloc: str,
+        parent_id: str,
+        description: str,
+        initial_size: int | None,
+        cluster_size: int | None,
+        legal: bool,
+        on_allocated: Callable[[], None] | None,
+    ) -> None:
         with self.manifest.lock:
             self.validate_create(img_id, vol_id, capacity, fmt, prealloc, parent_id, initial_size,
                                  check_space=False)
@@ -405,7 +450,7 @@ class StorageDomain:
 
     def delete_volume(self, images: image.ImageManager, img_id: str, vol_id: str) -> None:
         """Delete a leaf volume; its parent becomes the leaf again."""
-        with self.manifest.lock:
+        with self.manifest.lock, self.manifest.reading():
             self.validate_delete(images, img_id, vol_id)
             md = self.manifest.read_volume_metadata(img_id, vol_id)
             log.info("Deleting volume sd=%s img=%s vol=%s", self.sd_id, img_id, vol_id)
@@ -419,7 +464,7 @@ class StorageDomain:
         The parent (read from the metadata if not given) becomes LEAF when it
         has no other child.
         """
-        with self.manifest.lock:
+        with self.manifest.lock, self.manifest.reading():
             if parent_id is None:
                 try:
                     parent_id = self.manifest.read_volume_metadata(img_id, vol_id).parent

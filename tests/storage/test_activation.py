@@ -304,3 +304,52 @@ def test_copy_a_chain_into_activated_lvs(
         if e["depth"] == 0
     ]
     assert own == [(1 * MiB, 64 * 1024, False), (2 * MiB, 64 * 1024, True)]
+
+
+class Counter:
+    """Counts commands.run calls while installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.argv: list[list[str]] = []
+        real = commands.run
+
+        def counting(argv: list[str], *args: object, **kwargs: object) -> object:
+            self.argv.append(list(argv))
+            return real(argv, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(commands, "run", counting)
+
+
+def test_activate_maps_from_a_current_reading_without_commands(
+    vg: conftest.LoopVG, act: activation.LoopActivation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pv = vg.devices[0]
+    vg.lvm.lvcreate(vg.name, "before", 10, pv_range=lvm.pv_range(pv, 0, 9))
+    vg.lvm.lvcreate(vg.name, "vol", 5, pv_range=lvm.pv_range(pv, 10, 14))
+    state = vg.lvm.vg_state(vg.name)
+    expected = vg.lvm.lv_layout(vg.name, "vol")
+    counter = Counter(monkeypatch)
+
+    dev = act.activate(vg.name, "vol", vg_state=state)
+
+    assert [a[:2] for a in counter.argv if a[0] == "lvm"] == []
+    st = loop.status(dev)
+    assert st is not None and st.backed_by(pv)
+    assert st.offset == expected.offset(expected.segments[0])
+    assert st.offset == vg.lvm.vg_info(vg.name).pv(pv).pe_start + 10 * vg.extent_size
+    assert loop.size(dev) == 5 * vg.extent_size
+
+
+def test_activate_reads_the_layout_when_the_reading_is_stale(
+    vg: conftest.LoopVG, act: activation.LoopActivation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pv = vg.devices[0]
+    vg.lvm.lvcreate(vg.name, "vol", 5, pv_range=lvm.pv_range(pv, 10, 14))
+    state = vg.lvm.vg_state(vg.name)
+    vg.lvm.lvextend(vg.name, "vol", 7, pv_range=lvm.pv_range(pv, 15, 16))
+    counter = Counter(monkeypatch)
+
+    dev = act.activate(vg.name, "vol", vg_state=state)
+
+    assert [a[1] for a in counter.argv if a[0] == "lvm"] == ["pvs"]  # lv_layout
+    assert loop.size(dev) == 7 * vg.extent_size

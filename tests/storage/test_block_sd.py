@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from storage import block_sd, commands, errors, lvm, sd, volume
+from storage import block_sd, commands, errors, loop, lvm, sd, volume
 from tests.storage.conftest import requires_root, stacked_loop_devices
 from tests.storage.domain_helpers import (
     create_volume,
@@ -244,3 +244,121 @@ class TestMasterStore:
         with pytest.raises(OSError):
             store.write_file_atomic("big.task", b"x" * block_sd.STORE_SLOT)
         assert store.listdir("") == []
+
+
+class CommandLog:
+    """The commands run (commands.run) while installed, from any thread."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.argv: list[list[str]] = []
+        real = commands.run
+
+        def logging_run(argv, *args, **kwargs):
+            self.argv.append(list(argv))
+            return real(argv, *args, **kwargs)
+
+        monkeypatch.setattr(commands, "run", logging_run)
+
+    def names(self) -> list[str]:
+        """lvm2 commands by name (``pvs``, ``lvcreate``), others by program."""
+        return [a[1] if a[0] == "lvm" else os.path.basename(a[0]) for a in self.argv]
+
+    def clear(self) -> None:
+        self.argv.clear()
+
+
+REPORTS = ("pvs", "vgs", "lvs")
+
+
+def test_hot_paths_read_the_vg_once_per_operation(api, block_domain_factory, monkeypatch):
+    """Volume.create reads the VG once to validate and once to allocate and
+    once after its lvcreate; Image.prepare reads it once for the whole chain
+    (loop activation maps each volume from that reading)."""
+    sd_id = block_domain_factory(api)
+    pool_id = make_pool(api, sd_id)
+    dom = api.cache.get(sd_id)
+    loop_mode = dom.activation_mode == "loop"
+    img, vols = new_id(), [new_id() for _ in range(4)]
+    log = CommandLog(monkeypatch)
+
+    create_volume(api, pool_id, sd_id, img, vols[0], 40 * MiB)
+
+    assert [n for n in log.names() if n in REPORTS] == ["pvs", "pvs", "pvs"]
+    if loop_mode:
+        assert log.names() == ["pvs", "pvs", "lvcreate", "pvs", "qemu-img"]
+
+    log.clear()
+    create_volume(api, pool_id, sd_id, img, vols[1], 40 * MiB, parent=vols[0])
+
+    assert [n for n in log.names() if n in REPORTS] == ["pvs", "pvs", "pvs"]
+    if loop_mode:
+        assert log.names() == ["pvs", "pvs", "lvcreate", "pvs", "qemu-img"]
+
+    for parent, vol in zip(vols[1:], vols[2:], strict=False):
+        create_volume(api, pool_id, sd_id, img, vol, 40 * MiB, parent=parent)
+    log.clear()
+    prep = api.prepare(pool_id, sd_id, img, vols[-1])
+
+    assert [n for n in log.names() if n in REPORTS] == ["pvs"]
+    if loop_mode:
+        assert log.names() == ["pvs"]
+    assert [v["volumeID"] for v in prep["chain"]] == vols
+
+    log.clear()
+    api.teardown(pool_id, sd_id, img, vols[-1])
+    assert [n for n in log.names() if n in REPORTS] == []
+
+
+def test_prepared_chain_maps_each_lv_exactly(api, block_domain_factory):
+    sd_id = block_domain_factory(api, pv_count=2, pv_size=GiB)
+    pool_id = make_pool(api, sd_id)
+    dom = api.cache.get(sd_id)
+    if dom.activation_mode != "loop":
+        pytest.skip("loop activation only")
+    img, vols = new_id(), [new_id() for _ in range(3)]
+    parent = volume.BLANK_UUID
+    for vol in vols:
+        create_volume(api, pool_id, sd_id, img, vol, 200 * MiB, parent=parent)
+        parent = vol
+    # Grow the middle one in place, so sizes differ.
+    dom.extend_volume(img, vols[1], 3 * 8 * MiB)
+    prep = api.prepare(pool_id, sd_id, img, vols[-1])
+    try:
+        for entry in prep["chain"]:
+            layout = dom.lvm.lv_layout(sd_id, entry["volumeID"])
+            (seg,) = lvm.merged_segments(layout.segments)
+            st = loop.status(os.path.realpath(entry["path"]))
+            assert st is not None and st.backed_by(seg.pv)
+            assert st.offset == layout.offset(seg)
+            assert st.sizelimit == seg.count * layout.extent_size
+            lv = dom.lvm.lv_info(sd_id, entry["volumeID"])
+            assert loop.size(os.path.realpath(entry["path"])) == lv.size
+    finally:
+        api.teardown(pool_id, sd_id, img, vols[-1])
+
+
+def test_refresh_reads_the_vg_once(api, block_domain_factory, monkeypatch):
+    """HSM refresh after another host's lvextend: one reading gives the LV's
+    size and the layout the loop device follows."""
+    sd_id = block_domain_factory(api)
+    pool_id = make_pool(api, sd_id)
+    dom = api.cache.get(sd_id)
+    if dom.activation_mode != "loop":
+        pytest.skip("loop activation only")
+    img, vol = new_id(), new_id()
+    create_volume(api, pool_id, sd_id, img, vol, 40 * MiB)
+    path = api.prepare(pool_id, sd_id, img, vol)["path"]
+    try:
+        (seg,) = lvm.merged_segments(dom.lvm.lv_info(sd_id, vol).segments)
+        other = lvm.LVM(dom.manifest.devices, activation=False)  # "another host"
+        other.lvextend(sd_id, vol, seg.count + 1, pv_range=lvm.pv_range(
+            seg.pv, seg.last_pe + 1, seg.last_pe + 1))
+        log = CommandLog(monkeypatch)
+
+        size = api.refresh(pool_id, sd_id, img, vol)
+
+        assert log.names() == ["pvs"]
+        assert size == (seg.count + 1) * dom.manifest.extent_size()
+        assert loop.size(os.path.realpath(path)) == size
+    finally:
+        api.teardown(pool_id, sd_id, img, vol)

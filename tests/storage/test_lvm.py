@@ -224,3 +224,47 @@ def test_lv_layout_gives_segments_in_lv_order_with_pv_offsets(vg_factory: VGFact
         vg.lvm.lv_layout(vg.name, "missing")
     with pytest.raises(errors.VolumeGroupDoesNotExist):
         vg.lvm.lv_layout("no-such-vg", "vol")
+
+
+def test_vg_state_answers_what_separate_reports_answer(vg_factory: VGFactory) -> None:
+    vg = vg_factory(pv_count=2, pv_size=256 * MiB)
+    pv1, pv2 = vg.devices
+    vg.lvm.lvcreate(vg.name, "a", 3, tags=["IU_x", "MD_0"], pv_range=lvm.pv_range(pv1, 40, 42))
+    vg.lvm.lvextend(vg.name, "a", 5, pv_range=lvm.pv_range(pv1, 10, 11))
+    vg.lvm.lvextend(vg.name, "a", 6, pv_range=lvm.pv_range(pv2, 0, 0))
+    vg.lvm.lvcreate(vg.name, "b", 2, pv_range=lvm.pv_range(pv1, 0, 1))
+
+    state = vg.lvm.vg_state(vg.name)
+
+    assert state.vg == vg.lvm.vg_info(vg.name)
+    assert state.lvs == {x.name: x for x in vg.lvm.lvs(vg.name)}
+    assert list(state.free) == vg.lvm.free_ranges(vg.name)
+    for name in ("a", "b"):
+        assert state.layout(name) == vg.lvm.lv_layout(vg.name, name)
+    reserved = [lvm.Segment(pv1, 2, 9)]
+    for extents in (1, 8, 30):
+        assert state.find_free_range(extents, reserved) == vg.lvm.find_free_range(
+            vg.name, extents, reserved
+        )
+    with pytest.raises(errors.VolumeGroupSizeError):
+        state.find_free_range(10000)
+    with pytest.raises(errors.LogicalVolumeDoesNotExistError):
+        state.layout("missing")
+    with pytest.raises(errors.VolumeGroupDoesNotExist):
+        vg.lvm.vg_state("no-such-vg")
+
+
+def test_vg_state_is_current_until_this_process_changes_the_vg(vg_factory: VGFactory) -> None:
+    vg = vg_factory()
+    state = vg.lvm.vg_state(vg.name)
+    vg.lvm.lvs(vg.name)  # reading does not change anything
+    assert state.current()
+
+    vg.lvm.lvcreate(vg.name, "a", 1)
+    assert not state.current()
+    assert vg.lvm.vg_state(vg.name).current()
+
+    state = vg.lvm.vg_state(vg.name)
+    with pytest.raises(errors.LogicalVolumeAlreadyExists):
+        vg.lvm.lvcreate(vg.name, "a", 1)  # a failed change counts too
+    assert not state.current()
