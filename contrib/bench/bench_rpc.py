@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
+import shutil
 import socketserver
 import statistics
 import tempfile
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         d.stop()
         base.shutdown()
         tcp_base.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
     print("Host.ping2 (vdsm-lsm vs bare HTTP baseline, same run)")
     print(f"{'transport':<9} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} "
           f"{'base req/s':>10} {'ratio':>6}")
