@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from storage import errors, loop, lvm
+from storage import errors, loop, lvm, lvm_model
 
 log = logging.getLogger("storage.activation")
 
@@ -86,7 +86,7 @@ class Activation:
 
     mode = ""
 
-    def activate(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> str:
+    def activate(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> str:
         """Make vg/lv reachable; return its device.  Idempotent.
 
         vg_state: a reading of vg the caller holds (:meth:`lvm.LVM.vg_state`);
@@ -99,7 +99,7 @@ class Activation:
         """Release vg/lv's device.  Not an error if it is not active."""
         raise NotImplementedError
 
-    def refresh(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> int:
+    def refresh(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> int:
         """Make an active vg/lv's device follow its current metadata (after
         an lvextend, maybe by another host); return the device's size.
 
@@ -125,7 +125,7 @@ class DMActivation(Activation):
     def __init__(self, lvm_: lvm.LVM) -> None:
         self.lvm = lvm_
 
-    def activate(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> str:
+    def activate(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> str:
         self.lvm.lvchange_activate(vg, lv, True)
         return _dm_path(vg, lv)
 
@@ -133,7 +133,7 @@ class DMActivation(Activation):
         if os.path.exists(_dm_path(vg, lv)):
             self.lvm.lvchange_activate(vg, lv, False)
 
-    def refresh(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> int:
+    def refresh(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> int:
         self.lvm.lvchange_refresh(vg, lv)
         return loop.size(_dm_path(vg, lv))
 
@@ -156,7 +156,7 @@ class LoopActivation(Activation):
         self.state_dir = os.path.join(run_dir, "loop")
         self.direct_io = direct_io
 
-    def activate(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> str:
+    def activate(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> str:
         with self._lock(vg, lv):
             dev = self._current(vg, lv)
             if dev is not None:
@@ -211,7 +211,7 @@ class LoopActivation(Activation):
             self._remove_state(vg, lv)
             log.info("Deactivated LV vg=%s lv=%s dev=%s", vg, lv, dev)
 
-    def refresh(self, vg: str, lv: str, vg_state: lvm.VGState | None = None) -> int:
+    def refresh(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> int:
         with self._lock(vg, lv):
             dev = self._current(vg, lv)
             if dev is None:
@@ -248,7 +248,7 @@ class LoopActivation(Activation):
     # Helpers
 
     def _mapping(
-        self, vg: str, lv: str, vg_state: lvm.VGState | None = None
+        self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None
     ) -> tuple[str, int, int]:
         """(pv, offset, sizelimit) of vg/lv from the LVM metadata: from
         vg_state if it is a current reading of vg listing lv, else read now.
@@ -262,7 +262,7 @@ class LoopActivation(Activation):
             layout = st.layout(lv)
         else:
             layout = self.lvm.lv_layout(vg, lv)
-        segments = lvm.merged_segments(layout.segments)
+        segments = lvm_model.merged_segments(layout.segments)
         if len(segments) != 1:
             raise errors.LogicalVolumeNotContiguous(
                 vg=vg, lv=lv, segments=" ".join(str(s) for s in segments)

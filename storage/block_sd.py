@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from storage import activation, block_volume, clusterlock, errors, lvm, sd, volume
+from storage import activation, block_volume, clusterlock, errors, lvm, lvm_model, sd, volume
 
 if TYPE_CHECKING:
     from storage import image
@@ -141,36 +141,36 @@ class BlockDomainManifest(sd.DomainManifest):
             if depth == 0:
                 self._local.state = None
 
-    def vg_state(self) -> lvm.VGState | None:
+    def vg_state(self) -> lvm_model.VGState | None:
         """The reading of the VG of the enclosing :meth:`reading` block
         (current), or None outside one."""
         if not getattr(self._local, "depth", 0):
             return None
-        state: lvm.VGState | None = getattr(self._local, "state", None)
+        state: lvm_model.VGState | None = getattr(self._local, "state", None)
         if state is None or not state.current():
             state = self._local.state = self.lvm.vg_state(self.vg)
             if self._extent_size is None:
                 self._extent_size = state.vg.extent_size
         return state
 
-    def vg_info(self) -> lvm.VG:
+    def vg_info(self) -> lvm_model.VG:
         state = self.vg_state()
         return state.vg if state is not None else self.lvm.vg_info(self.vg)
 
-    def lv_info(self, name: str) -> lvm.LV:
+    def lv_info(self, name: str) -> lvm_model.LV:
         """An LV of the VG (LogicalVolumeDoesNotExistError if missing)."""
         state = self.vg_state()
         return state.lv(name) if state is not None else self.lvm.lv_info(self.vg, name)
 
     # LVs.
 
-    def volume_lvs(self) -> dict[str, lvm.LV]:
+    def volume_lvs(self) -> dict[str, lvm_model.LV]:
         """LVs of volumes (not special LVs) by name."""
         state = self.vg_state()
         lvs = state.lvs.values() if state is not None else self.lvm.lvs(self.vg)
         return {lv.name: lv for lv in lvs if lv.name not in SPECIAL_LVS}
 
-    def volume_lv(self, img_id: str, vol_id: str) -> lvm.LV:
+    def volume_lv(self, img_id: str, vol_id: str) -> lvm_model.LV:
         sd.check_uuid(img_id, vol_id)
         try:
             lv = self.lv_info(vol_id)
@@ -180,7 +180,7 @@ class BlockDomainManifest(sd.DomainManifest):
             raise errors.VolumeDoesNotExist(vol_id=vol_id, sd_id=self.sd_id)
         return lv
 
-    def slot_of(self, lv: lvm.LV) -> int:
+    def slot_of(self, lv: lvm_model.LV) -> int:
         slot = _tag(lv, TAG_SLOT)
         if slot is None or not slot.isdigit():
             raise errors.VolumeMetadataReadError(vol_id=lv.name, reason="no MD_ tag")
@@ -190,7 +190,7 @@ class BlockDomainManifest(sd.DomainManifest):
         md = self.lv_info("metadata")
         return (md.size - SLOT_BASE) // SLOT_SIZE
 
-    def free_slot(self, lvs: dict[str, lvm.LV]) -> int:
+    def free_slot(self, lvs: dict[str, lvm_model.LV]) -> int:
         used = {int(s) for lv in lvs.values() if (s := _tag(lv, TAG_SLOT)) and s.isdigit()}
         for slot in range(self.slot_count()):
             if slot not in used:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from storage import errors, lvm, qemuimg, volume
+from storage import errors, lvm_model, qemuimg, volume
 
 if TYPE_CHECKING:
     from storage import block_sd, image
@@ -37,7 +37,7 @@ TAG_SLOT = "MD_"
 TAG_RESERVED = "RS_"
 
 
-def tag(lv: lvm.LV, prefix: str) -> str | None:
+def tag(lv: lvm_model.LV, prefix: str) -> str | None:
     """The value of lv's tag with prefix, or None."""
     for t in lv.tags:
         if t.startswith(prefix):
@@ -68,15 +68,15 @@ def reservation(dom: block_sd.BlockDomain, fmt: str, capacity: int, size: int) -
     return max(size, volume.max_size(capacity, fmt))
 
 
-def reserved(lvs: dict[str, lvm.LV]) -> list[lvm.PERange]:
+def reserved(lvs: dict[str, lvm_model.LV]) -> list[lvm_model.PERange]:
     """Extents reserved behind each volume for its growth (loop mode)."""
     result = []
     for lv in lvs.values():
         count = tag(lv, TAG_RESERVED)
-        segs = lvm.merged_segments(lv.segments)
+        segs = lvm_model.merged_segments(lv.segments)
         if count is None or not count.isdigit() or len(segs) != 1:
             continue
-        result.append(lvm.PERange(segs[0].pv, segs[0].first_pe, int(count)))
+        result.append(lvm_model.PERange(segs[0].pv, segs[0].first_pe, int(count)))
     return result
 
 
@@ -128,7 +128,7 @@ def allocate(dom: block_sd.BlockDomain, img_id: str, vol_id: str, md: volume.Met
         if dom.activation_mode == "loop":
             tags.append(TAG_RESERVED + str(reserve))
             rng = state.find_free_range(reserve, reserved=reserved(lvs))
-            pv_range = lvm.pv_range(rng.pv, rng.first_pe, rng.first_pe + count - 1)
+            pv_range = lvm_model.pv_range(rng.pv, rng.first_pe, rng.first_pe + count - 1)
     try:
         dom.lvm.lvcreate(dom.vg, vol_id, count, tags=tags, pv_range=pv_range)
     except errors.VolumeGroupSizeError as e:
@@ -177,7 +177,7 @@ def remove(dom: block_sd.BlockDomain, img_id: str, vol_id: str) -> None:
 
 
 def max_size(dom: block_sd.BlockDomain, img_id: str, vol_id: str,
-             lv: lvm.LV | None = None) -> int:
+             lv: lvm_model.LV | None = None) -> int:
     """Most bytes the volume's LV may take (its reservation in loop mode)."""
     lv = lv or dom.manifest.volume_lv(img_id, vol_id)
     count = tag(lv, TAG_RESERVED)
@@ -200,12 +200,12 @@ def extend(dom: block_sd.BlockDomain, img_id: str, vol_id: str, new_size: int) -
     total = target // extent_size
     pv_range = None
     if dom.activation_mode == "loop":
-        segs = lvm.merged_segments(lv.segments)
+        segs = lvm_model.merged_segments(lv.segments)
         if len(segs) != 1:
             raise errors.LogicalVolumeNotContiguous(
                 vg=dom.vg, lv=vol_id, segments=" ".join(str(s) for s in segs)
             )
-        pv_range = lvm.pv_range(segs[0].pv, segs[0].last_pe + 1, segs[0].first_pe + total - 1)
+        pv_range = lvm_model.pv_range(segs[0].pv, segs[0].last_pe + 1, segs[0].first_pe + total - 1)
     log.info("Extending volume sd=%s img=%s vol=%s from=%d to=%d",
              dom.sd_id, img_id, vol_id, lv.size, target)
     dom.lvm.lvextend(dom.vg, vol_id, total, pv_range=pv_range)

@@ -34,10 +34,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
-from storage import errors, image, qemuimg, resource, sd, task, volume
+from storage import errors, image, image_job, qemuimg, resource, sd, task, volume
 
 log = logging.getLogger("storage.clone")
 
@@ -48,8 +47,6 @@ MiB = 1024**2
 # Room for qcow2 metadata beyond qemu-img measure's figure (refcount blocks
 # of the destination's own layout, rounding).
 SLACK = 1 * MiB
-
-DomainGetter = Callable[[str], sd.StorageDomain]
 
 
 @dataclasses.dataclass
@@ -99,25 +96,12 @@ def make_params(src_id: str, dst_id: str, img_id: str, chain: image.Chain) -> di
     }
 
 
-class CloneJob:
+class CloneJob(image_job.ImageJob):
     kind = KIND
 
-    def __init__(
-        self,
-        domains: DomainGetter,
-        images: image.ImageManager,
-        resources: resource.Manager,
-        params: dict[str, Any],
-        lock_timeout: float = resource.DEFAULT_TIMEOUT,
-    ) -> None:
-        self.domains = domains
-        self.images = images
-        self.resources = resources
-        self.params = params
-        self.lock_timeout = lock_timeout
+    def _read_params(self, params: dict[str, Any]) -> None:
         self.src_id: str = params["src_sd"]
         self.dst_id: str = params["dst_sd"]
-        self.img_id: str = params["img"]
         # Volumes this run put on storage, in creation order.
         self.created: list[tuple[str, str]] = []
 

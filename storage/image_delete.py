@@ -17,17 +17,14 @@ removing is idempotent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from storage import errors, image, resource, sd, task, volume
+from storage import errors, image, image_job, resource, sd, task, volume
 
 log = logging.getLogger("storage.image_delete")
 
 KIND = "image.delete"
 RECOVERY = task.RERUN
-
-DomainGetter = Callable[[str], sd.StorageDomain]
 
 
 def validate(dom: sd.StorageDomain, img_id: str, images: image.ImageManager) -> list[str]:
@@ -66,24 +63,11 @@ def removal_order(mds: dict[str, volume.Metadata | None]) -> list[str]:
     return unknown + sorted(known, key=lambda v: (-depth_of(v), v))
 
 
-class DeleteJob:
+class DeleteJob(image_job.ImageJob):
     kind = KIND
 
-    def __init__(
-        self,
-        domains: DomainGetter,
-        images: image.ImageManager,
-        resources: resource.Manager,
-        params: dict[str, Any],
-        lock_timeout: float = resource.DEFAULT_TIMEOUT,
-    ) -> None:
-        self.domains = domains
-        self.images = images
-        self.resources = resources
-        self.params = params
-        self.lock_timeout = lock_timeout
+    def _read_params(self, params: dict[str, Any]) -> None:
         self.sd_id: str = params["sd"]
-        self.img_id: str = params["img"]
 
     def __repr__(self) -> str:
         return f"<DeleteJob sd={self.sd_id} img={self.img_id}>"

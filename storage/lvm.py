@@ -18,7 +18,7 @@ Reports are read with ``--reportformat json --units b --nosuffix``.
 :meth:`LVM.vg_state` reads a whole VG (PVs, LVs with their segments, free
 extents) in one command, so an operation can list, allocate and map LVs
 from one reading; a reading knows whether this process changed the VG since
-(:meth:`VGState.current`).
+(:meth:`storage.lvm_model.VGState.current`).
 Commands that change a VG are serialized per VG name within this process
 (lvm2's own file locks serialize processes on one host).  Failures raise the
 storage error for what was attempted (``CannotCreateLogicalVolume`` ...) or,
@@ -29,7 +29,6 @@ when lvm2 says so, ``VolumeGroupDoesNotExist`` /
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import re
@@ -38,7 +37,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from storage import commands, errors
+from storage import commands, errors, lvm_model
 
 log = logging.getLogger("storage.lvm")
 
@@ -59,6 +58,8 @@ _NOISE = (
     "not zeroed",
 )
 
+_METADATA_ONLY = "LVM is metadata-only on this host (no device-mapper)"
+
 _VG_NOT_FOUND = re.compile(r'Volume group "([^"]+)" not found')
 _LV_NOT_FOUND = re.compile(r'Failed to find logical volume "([^"]+)"')
 _VG_EXISTS = re.compile(r"volume group called .* already exists", re.IGNORECASE)
@@ -76,150 +77,6 @@ _vg_locks_guard = threading.Lock()
 # to): a reading of the VG taken at generation g is current while the count
 # is still g.  Changes by other processes or hosts are not counted.
 _generations: collections.Counter[str] = collections.Counter()
-
-
-@dataclasses.dataclass(frozen=True)
-class PV:
-    name: str
-    pe_start: int  # bytes from the start of the device to the first extent
-    pe_count: int
-    pe_alloc_count: int
-
-
-@dataclasses.dataclass(frozen=True)
-class VG:
-    name: str
-    extent_size: int  # bytes
-    extent_count: int
-    free_count: int
-    tags: tuple[str, ...]
-    pvs: tuple[PV, ...]
-
-    def pv(self, name: str) -> PV:
-        for pv in self.pvs:
-            if pv.name == name:
-                return pv
-        raise KeyError(name)
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """A range of physical extents of one PV, first and last inclusive."""
-
-    pv: str
-    first_pe: int
-    last_pe: int
-
-    @property
-    def count(self) -> int:
-        return self.last_pe - self.first_pe + 1
-
-    def __str__(self) -> str:
-        return pv_range(self.pv, self.first_pe, self.last_pe)
-
-
-@dataclasses.dataclass(frozen=True)
-class LV:
-    vg_name: str
-    name: str
-    size: int  # bytes
-    extent_count: int
-    tags: tuple[str, ...]
-    segments: tuple[Segment, ...]  # in LV order
-    active: bool | None  # None: unknown (metadata-only mode)
-    attr: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where an LV's extents are: what mapping it by hand needs."""
-
-    vg_name: str
-    name: str
-    extent_size: int  # bytes
-    segments: tuple[Segment, ...]  # in LV order
-    pe_starts: dict[str, int]  # PV name -> bytes before its first extent
-
-    def offset(self, segment: Segment) -> int:
-        """Byte offset of segment's first extent on its PV."""
-        return self.pe_starts[segment.pv] + segment.first_pe * self.extent_size
-
-
-@dataclasses.dataclass(frozen=True)
-class PERange:
-    """A free range of count extents of one PV starting at first_pe."""
-
-    pv: str
-    first_pe: int
-    count: int
-
-    @property
-    def last_pe(self) -> int:
-        return self.first_pe + self.count - 1
-
-    def __str__(self) -> str:
-        return pv_range(self.pv, self.first_pe, self.last_pe)
-
-
-@dataclasses.dataclass(frozen=True)
-class VGState:
-    """One reading of a VG (:meth:`LVM.vg_state`): the VG with its PVs, its
-    LVs with their segments, and its free extents, as one command saw them.
-
-    It answers what separate ``vgs``, ``lvs``, ``pvs`` and
-    :meth:`LVM.lv_layout` commands would have answered at that moment.  It
-    is :meth:`current` while no command of this process has changed the VG
-    since; changes by other hosts are not seen, so a reading is for one
-    operation (VDSM serializes metadata changes on the SPM), never kept.
-    """
-
-    vg: VG
-    lvs: dict[str, LV]  # by name; hidden LVs (``[name]``) left out
-    free: tuple[PERange, ...]  # in PV then PE order
-    generation: int
-
-    def current(self) -> bool:
-        """True if no command of this process changed the VG since the reading."""
-        return generation(self.vg.name) == self.generation
-
-    def lv(self, name: str) -> LV:
-        lv = self.lvs.get(name)
-        if lv is None:
-            raise errors.LogicalVolumeDoesNotExistError(vg=self.vg.name, lv=name)
-        return lv
-
-    def layout(self, name: str) -> Layout:
-        """What :meth:`LVM.lv_layout` answers for the LV name."""
-        lv = self.lv(name)
-        return Layout(
-            vg_name=self.vg.name,
-            name=name,
-            extent_size=self.vg.extent_size,
-            segments=lv.segments,
-            pe_starts={s.pv: self.vg.pv(s.pv).pe_start for s in lv.segments},
-        )
-
-    def find_free_range(
-        self, extents: int, reserved: Iterable[Segment | PERange] = ()
-    ) -> PERange:
-        """What :meth:`LVM.find_free_range` answers, from this reading."""
-        return _first_fit(self.vg.name, list(self.free), extents, reserved)
-
-
-def pv_range(pv: str, first_pe: int, last_pe: int) -> str:
-    """lvm2's notation of a PE range: ``/dev/loop3:10-19``."""
-    return f"{pv}:{first_pe}-{last_pe}"
-
-
-def merged_segments(segments: Iterable[Segment]) -> list[Segment]:
-    """Segments with neighbours on the same PV joined, in LV order."""
-    result: list[Segment] = []
-    for seg in segments:
-        if result and result[-1].pv == seg.pv and result[-1].last_pe + 1 == seg.first_pe:
-            result[-1] = Segment(seg.pv, result[-1].first_pe, seg.last_pe)
-        else:
-            result.append(seg)
-    return result
 
 
 class LVM:
@@ -265,17 +122,13 @@ class LVM:
         cmd = ["pvcreate"]
         if metadata_size is not None:
             cmd += ["--metadatasize", f"{metadata_size}b"]
-        cmd += list(devices)
-        try:
-            self._run(cmd, extra_devices=devices)
-        except errors.CommandFailed as e:
-            raise errors.PhysDevInitializationError(
-                devices=list(devices), reason=_clean(e.err), cmd=e.cmd, rc=e.rc, err=e.err
-            ) from e
+        self._change_pvs(cmd + list(devices), devices)
 
     def pvremove(self, devices: Sequence[str]) -> None:
         """Wipe the PV labels of devices that belong to no VG."""
-        cmd = ["pvremove", "-y", "-f", *devices]
+        self._change_pvs(["pvremove", "-y", "-f", *devices], devices)
+
+    def _change_pvs(self, cmd: list[str], devices: Sequence[str]) -> None:
         try:
             self._run(cmd, extra_devices=devices)
         except errors.CommandFailed as e:
@@ -335,7 +188,7 @@ class LVM:
                 raise
         log.info("Changed VG tags vg=%s add=%s delete=%s", vg, list(add), list(delete))
 
-    def vg_info(self, vg: str) -> VG:
+    def vg_info(self, vg: str) -> lvm_model.VG:
         check_name(vg)
         fields = "vg_name,vg_extent_size,vg_extent_count,vg_free_count,vg_tags"
         pv_fields = "pv_name,pe_start,pv_pe_count,pv_pe_alloc_count"
@@ -346,25 +199,7 @@ class LVM:
             raise
         if not rows:
             raise errors.VolumeGroupDoesNotExist(vg=vg)
-        first = rows[0]
-        pvs = tuple(
-            PV(
-                name=r["pv_name"],
-                pe_start=int(r["pe_start"]),
-                pe_count=int(r["pv_pe_count"]),
-                pe_alloc_count=int(r["pv_pe_alloc_count"]),
-            )
-            for r in rows
-            if r["pv_name"]
-        )
-        return VG(
-            name=first["vg_name"],
-            extent_size=int(first["vg_extent_size"]),
-            extent_count=int(first["vg_extent_count"]),
-            free_count=int(first["vg_free_count"]),
-            tags=_tags(first["vg_tags"]),
-            pvs=pvs,
-        )
+        return lvm_model.make_vg(rows[0], [lvm_model.make_pv(r) for r in rows if r["pv_name"]])
 
     # Logical volumes
 
@@ -442,17 +277,10 @@ class LVM:
     def lvremove(self, vg: str, lv: str) -> None:
         check_name(vg)
         check_name(lv)
-        with _vg_lock(vg):
-            try:
-                self._run(["lvremove", "-f", f"{vg}/{lv}"])
-            except errors.CommandFailed as e:
-                _raise_not_found(e, vg, lv)
-                raise errors.CannotRemoveLogicalVolume(
-                    vg=vg, lv=lv, reason=_clean(e.err), cmd=e.cmd, rc=e.rc, err=e.err
-                ) from e
+        self._change_lv(vg, lv, ["lvremove", "-f", f"{vg}/{lv}"], errors.CannotRemoveLogicalVolume)
         log.info("Removed LV vg=%s lv=%s", vg, lv)
 
-    def lvs(self, vg: str, lv: str | None = None) -> list[LV]:
+    def lvs(self, vg: str, lv: str | None = None) -> list[lvm_model.LV]:
         """LVs of vg (or just vg/lv), sorted by name."""
         check_name(vg)
         if lv is not None:
@@ -467,9 +295,9 @@ class LVM:
         by_name: dict[str, list[dict[str, str]]] = {}
         for row in rows:
             by_name.setdefault(row["lv_name"], []).append(row)
-        return [_make_lv(rows) for _, rows in sorted(by_name.items())]
+        return [lvm_model.make_lv(rows) for _, rows in sorted(by_name.items())]
 
-    def lv_info(self, vg: str, lv: str) -> LV:
+    def lv_info(self, vg: str, lv: str) -> lvm_model.LV:
         lvs = self.lvs(vg, lv)
         if not lvs:
             raise errors.LogicalVolumeDoesNotExistError(vg=vg, lv=lv)
@@ -482,14 +310,7 @@ class LVM:
         check_name(lv)
         add, delete = list(add), list(delete)
         cmd = ["lvchange", "--autobackup", "n"] + _tag_args(add, delete) + [f"{vg}/{lv}"]
-        with _vg_lock(vg):
-            try:
-                self._run(cmd)
-            except errors.CommandFailed as e:
-                _raise_not_found(e, vg, lv)
-                raise errors.LogicalVolumeReplaceTagError(
-                    vg=vg, lv=lv, reason=_clean(e.err), cmd=e.cmd, rc=e.rc, err=e.err
-                ) from e
+        self._change_lv(vg, lv, cmd, errors.LogicalVolumeReplaceTagError)
         log.info("Changed LV tags vg=%s lv=%s add=%s delete=%s", vg, lv, add, delete)
 
     def lvchange_activate(self, vg: str, lv: str, active: bool) -> None:
@@ -500,16 +321,9 @@ class LVM:
             errors.CannotActivateLogicalVolume if active else errors.CannotDeactivateLogicalVolume
         )
         if not self.activation:
-            raise error(vg=vg, lv=lv, reason="LVM is metadata-only on this host (no device-mapper)")
+            raise error(vg=vg, lv=lv, reason=_METADATA_ONLY)
         cmd = ["lvchange", "--activate", "y" if active else "n", f"{vg}/{lv}"]
-        with _vg_lock(vg):
-            try:
-                self._run(cmd)
-            except errors.CommandFailed as e:
-                _raise_not_found(e, vg, lv)
-                raise error(
-                    vg=vg, lv=lv, reason=_clean(e.err), cmd=e.cmd, rc=e.rc, err=e.err
-                ) from e
+        self._change_lv(vg, lv, cmd, error)
         log.info("Changed LV activation vg=%s lv=%s active=%s", vg, lv, active)
 
     def lvchange_refresh(self, vg: str, lv: str) -> None:
@@ -517,20 +331,12 @@ class LVM:
         check_name(vg)
         check_name(lv)
         if not self.activation:
-            raise errors.LogicalVolumeRefreshError(
-                vg=vg, lv=lv, reason="LVM is metadata-only on this host (no device-mapper)"
-            )
-        with _vg_lock(vg):
-            try:
-                self._run(["lvchange", "--refresh", f"{vg}/{lv}"])
-            except errors.CommandFailed as e:
-                _raise_not_found(e, vg, lv)
-                raise errors.LogicalVolumeRefreshError(
-                    vg=vg, lv=lv, reason=_clean(e.err), cmd=e.cmd, rc=e.rc, err=e.err
-                ) from e
+            raise errors.LogicalVolumeRefreshError(vg=vg, lv=lv, reason=_METADATA_ONLY)
+        cmd = ["lvchange", "--refresh", f"{vg}/{lv}"]
+        self._change_lv(vg, lv, cmd, errors.LogicalVolumeRefreshError)
         log.info("Refreshed LV vg=%s lv=%s", vg, lv)
 
-    def lv_layout(self, vg: str, lv: str) -> Layout:
+    def lv_layout(self, vg: str, lv: str) -> lvm_model.Layout:
         """vg/lv's PV segments with the PVs' pe_start, in one lvm2 command."""
         check_name(vg)
         check_name(lv)
@@ -543,26 +349,11 @@ class LVM:
         if not rows:
             self.lv_info(vg, lv)  # raises the specific error
             raise errors.LogicalVolumeDoesNotExistError(vg=vg, lv=lv)
-        rows.sort(key=lambda r: int(r["seg_start_pe"]))
-        segments = tuple(
-            Segment(
-                r["pv_name"],
-                int(r["pvseg_start"]),
-                int(r["pvseg_start"]) + int(r["pvseg_size"]) - 1,
-            )
-            for r in rows
-        )
-        return Layout(
-            vg_name=vg,
-            name=lv,
-            extent_size=int(rows[0]["vg_extent_size"]),
-            segments=segments,
-            pe_starts={r["pv_name"]: int(r["pe_start"]) for r in rows},
-        )
+        return lvm_model.make_layout(vg, lv, rows)
 
     # Free extents
 
-    def free_ranges(self, vg: str) -> list[PERange]:
+    def free_ranges(self, vg: str) -> list[lvm_model.PERange]:
         """Free extent ranges of vg's PVs, in PV then PE order."""
         check_name(vg)
         fields = "vg_name,pv_name,pvseg_start,pvseg_size,lv_name"
@@ -575,17 +366,11 @@ class LVM:
             # Either no such VG, or a VG without PVs (impossible): say which.
             self.vg_info(vg)
             return []
-        free = [
-            PERange(r["pv_name"], int(r["pvseg_start"]), int(r["pvseg_size"]))
-            for r in rows
-            if r["vg_name"] == vg and not r["lv_name"] and int(r["pvseg_size"]) > 0
-        ]
-        order = {pv: i for i, pv in enumerate(dict.fromkeys(r["pv_name"] for r in rows))}
-        return sorted(free, key=lambda r: (order[r.pv], r.first_pe))
+        return lvm_model.make_free(vg, rows)
 
     def find_free_range(
-        self, vg: str, extents: int, reserved: Iterable[Segment | PERange] = ()
-    ) -> PERange:
+        self, vg: str, extents: int, reserved: Iterable[lvm_model.Segment | lvm_model.PERange] = ()
+    ) -> lvm_model.PERange:
         """The first free range of exactly extents extents on one PV.
 
         Extents in reserved ranges (e.g. kept free behind other LVs so they
@@ -594,11 +379,11 @@ class LVM:
         """
         if extents < 1:
             raise ValueError(f"Invalid extents={extents}")
-        return _first_fit(vg, self.free_ranges(vg), extents, reserved)
+        return lvm_model.first_fit(vg, self.free_ranges(vg), extents, reserved)
 
     # Whole VG
 
-    def vg_state(self, vg: str) -> VGState:
+    def vg_state(self, vg: str) -> lvm_model.VGState:
         """vg, its PVs, LVs and free extents in one lvm2 command.
 
         One ``pvs --segments`` row per PV segment: an LV's rows give its
@@ -624,9 +409,20 @@ class LVM:
         if not rows:
             self.vg_info(vg)  # raises VolumeGroupDoesNotExist
             raise errors.VolumeGroupDoesNotExist(vg=vg)
-        return _make_state(vg, rows, before)
+        return lvm_model.make_state(vg, rows, before, generation)
 
     # Running lvm2
+
+    def _change_lv(self, vg: str, lv: str, cmd: list[str], error: type[errors.Error]) -> None:
+        """Run cmd changing vg/lv; a failure raises a not-found error or error."""
+        with _vg_lock(vg):
+            try:
+                self._run(cmd)
+            except errors.CommandFailed as e:
+                _raise_not_found(e, vg, lv)
+                raise error(
+                    vg=vg, lv=lv, reason=_clean(e.err), cmd=e.cmd, rc=e.rc, err=e.err
+                ) from e
 
     def _run(self, args: list[str], extra_devices: Sequence[str] = ()) -> str:
         cmd = [LVM_COMMAND, args[0], "--config", self.config(extra_devices), *args[1:]]
@@ -709,10 +505,6 @@ def _tag_args(add: Iterable[str], delete: Iterable[str]) -> list[str]:
     return args
 
 
-def _tags(value: str) -> tuple[str, ...]:
-    return tuple(t for t in value.split(",") if t)
-
-
 def _clean(err: str) -> str:
     lines = [line.strip() for line in err.splitlines()]
     return "; ".join(line for line in lines if line and not any(n in line for n in _NOISE))
@@ -724,122 +516,3 @@ def _raise_not_found(e: errors.CommandFailed, vg: str, lv: str | None = None) ->
         raise errors.VolumeGroupDoesNotExist(vg=vg, **fields) from e
     if lv is not None and _LV_NOT_FOUND.search(e.err):
         raise errors.LogicalVolumeDoesNotExistError(vg=vg, lv=lv, **fields) from e
-
-
-def _parse_ranges(value: str) -> list[Segment]:
-    # "/dev/loop0:10-24" (several, space separated, for striped/mirrored).
-    segments = []
-    for item in value.split():
-        pv, _, pe = item.rpartition(":")
-        first, _, last = pe.partition("-")
-        segments.append(Segment(pv, int(first), int(last)))
-    return segments
-
-
-def _make_lv(rows: list[dict[str, str]]) -> LV:
-    first = rows[0]
-    segments: list[Segment] = []
-    for row in rows:
-        segments.extend(_parse_ranges(row["seg_pe_ranges"]))
-    size = int(first["lv_size"])
-    active = {"active": True, "": False}.get(first["lv_active"])
-    return LV(
-        vg_name=first["vg_name"],
-        name=first["lv_name"],
-        size=size,
-        extent_count=size // int(first["vg_extent_size"]),
-        tags=_tags(first["lv_tags"]),
-        segments=tuple(segments),
-        active=active,
-        attr=first["lv_attr"],
-    )
-
-
-def _subtract(free: list[PERange], reserved: Iterable[Segment | PERange]) -> list[PERange]:
-    """free minus the reserved ranges."""
-    result = list(free)
-    for res in reserved:
-        next_result = []
-        for r in result:
-            if r.pv != res.pv or res.last_pe < r.first_pe or res.first_pe > r.last_pe:
-                next_result.append(r)
-                continue
-            if res.first_pe > r.first_pe:
-                next_result.append(PERange(r.pv, r.first_pe, res.first_pe - r.first_pe))
-            if res.last_pe < r.last_pe:
-                next_result.append(PERange(r.pv, res.last_pe + 1, r.last_pe - res.last_pe))
-        result = next_result
-    return result
-
-
-def _first_fit(
-    vg: str, free: list[PERange], extents: int, reserved: Iterable[Segment | PERange]
-) -> PERange:
-    if extents < 1:
-        raise ValueError(f"Invalid extents={extents}")
-    for rng in _subtract(free, reserved):
-        if rng.count >= extents:
-            return PERange(rng.pv, rng.first_pe, extents)
-    raise errors.VolumeGroupSizeError(
-        vg=vg, reason=f"no contiguous free range of {extents} extents"
-    )
-
-
-def _make_state(vg: str, rows: list[dict[str, str]], gen: int) -> VGState:
-    first = rows[0]
-    extent_size = int(first["vg_extent_size"])
-    pvs: dict[str, PV] = {}
-    free: list[PERange] = []
-    lv_rows: dict[str, list[dict[str, str]]] = {}
-    for r in rows:
-        name = r["pv_name"]
-        if name not in pvs:
-            pvs[name] = PV(
-                name=name,
-                pe_start=int(r["pe_start"]),
-                pe_count=int(r["pv_pe_count"]),
-                pe_alloc_count=int(r["pv_pe_alloc_count"]),
-            )
-        lv = r["lv_name"]
-        if not lv:
-            if int(r["pvseg_size"]) > 0:
-                free.append(PERange(name, int(r["pvseg_start"]), int(r["pvseg_size"])))
-        elif not lv.startswith("["):
-            lv_rows.setdefault(lv, []).append(r)
-    order = {pv: i for i, pv in enumerate(pvs)}
-    free.sort(key=lambda f: (order[f.pv], f.first_pe))
-    lvs: dict[str, LV] = {}
-    for name, segs in sorted(lv_rows.items()):
-        segs.sort(key=lambda r: int(r["seg_start_pe"]))
-        lv_first = segs[0]
-        size = int(lv_first["lv_size"])
-        lvs[name] = LV(
-            vg_name=vg,
-            name=name,
-            size=size,
-            extent_count=size // extent_size,
-            tags=_tags(lv_first["lv_tags"]),
-            segments=tuple(
-                Segment(
-                    r["pv_name"],
-                    int(r["pvseg_start"]),
-                    int(r["pvseg_start"]) + int(r["pvseg_size"]) - 1,
-                )
-                for r in segs
-            ),
-            active={"active": True, "": False}.get(lv_first["lv_active"]),
-            attr=lv_first["lv_attr"],
-        )
-    return VGState(
-        vg=VG(
-            name=first["vg_name"],
-            extent_size=extent_size,
-            extent_count=int(first["vg_extent_count"]),
-            free_count=int(first["vg_free_count"]),
-            tags=_tags(first["vg_tags"]),
-            pvs=tuple(pvs.values()),
-        ),
-        lvs=lvs,
-        free=tuple(free),
-        generation=gen,
-    )

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from storage import errors, image, qemuimg, resource, sd, task, volume
+from storage import errors, image, image_job, qemuimg, resource, sd, task, volume
 
 log = logging.getLogger("storage.sync")
 
@@ -54,8 +54,6 @@ SYNC_TYPES = (ALL, INTERNAL, LEAF)
 MiB = 1024**2
 # Least weight of a layer in the progress, so empty layers still count.
 MIN_WEIGHT = 1 * MiB
-
-DomainGetter = Callable[[str], sd.StorageDomain]
 
 
 def validate(
@@ -113,27 +111,24 @@ def make_params(src_id: str, dst_id: str, img_id: str, sync_type: str) -> dict[s
     return {"src_sd": src_id, "dst_sd": dst_id, "img": img_id, "sync_type": sync_type}
 
 
-class SyncJob:
+class SyncJob(image_job.ImageJob):
     kind = KIND
 
     def __init__(
         self,
-        domains: DomainGetter,
+        domains: image_job.DomainGetter,
         images: image.ImageManager,
         resources: resource.Manager,
         params: dict[str, Any],
         rate_limit_bps: int | None = None,
         lock_timeout: float = resource.DEFAULT_TIMEOUT,
     ) -> None:
-        self.domains = domains
-        self.images = images
-        self.resources = resources
-        self.params = params
+        super().__init__(domains, images, resources, params, lock_timeout)
         self.rate_limit_bps = rate_limit_bps or None
-        self.lock_timeout = lock_timeout
+
+    def _read_params(self, params: dict[str, Any]) -> None:
         self.src_id: str = params["src_sd"]
         self.dst_id: str = params["dst_sd"]
-        self.img_id: str = params["img"]
         self.sync_type: str = params["sync_type"]
 
     def __repr__(self) -> str:

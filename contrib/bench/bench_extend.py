@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from storage import activation, commands, lvm, qemuimg
+from storage import activation, commands, lvm, lvm_model, qemuimg
 
 MiB = 1024**2
 
@@ -48,7 +48,7 @@ def bench_extension(workdir: str, runs: int) -> list[tuple[str, float]]:
         lvm_.vgcreate(vg, [pv], extent_size_mb=4)
         reservation = lvm_.find_free_range(vg, 4 * runs + 1)
         first = reservation.first_pe
-        lvm_.lvcreate(vg, "vol", 1, pv_range=lvm.pv_range(pv, first, first))
+        lvm_.lvcreate(vg, "vol", 1, pv_range=lvm_model.pv_range(pv, first, first))
         dev = act.activate(vg, "vol")
         fd = os.open(dev, os.O_RDONLY)  # a holder, like QEMU
         baseline: list[float] = []
@@ -58,7 +58,7 @@ def bench_extension(workdir: str, runs: int) -> list[tuple[str, float]]:
 
         def grow(extents: int) -> None:
             last = first + extents - 1
-            lvm_.lvextend(vg, "vol", extents, pv_range=lvm.pv_range(pv, last, last))
+            lvm_.lvextend(vg, "vol", extents, pv_range=lvm_model.pv_range(pv, last, last))
 
         def grow_and_refresh(extents: int) -> None:
             grow(extents)

@@ -48,7 +48,18 @@ from typing import Any
 
 from contrib.bench.bench_extend import timed
 from storage import api as storage_api
-from storage import block_sd, block_volume, commands, file_sd, loop, lvm, qemuimg, sd, volume
+from storage import (
+    block_sd,
+    block_volume,
+    commands,
+    file_sd,
+    loop,
+    lvm,
+    lvm_model,
+    qemuimg,
+    sd,
+    volume,
+)
 from tests.storage import conftest as storage_conftest
 from tests.storage import domain_fixtures, domain_helpers
 
@@ -205,7 +216,7 @@ class Env:
     def api_lvm(self) -> lvm.LVM:
         return self.block.lvm
 
-    def free_range(self, extents: int) -> lvm.PERange:
+    def free_range(self, extents: int) -> lvm_model.PERange:
         """Free extents no domain volume has reserved for its growth."""
         dom = self.block
         reserved = block_volume.reserved(dom.manifest.volume_lvs())
@@ -239,7 +250,7 @@ def bench_create(env: Env, counter: CommandCounter, runs: int) -> list[Row]:
     def file_bare(path: str) -> None:
         qemuimg.create(path, qemuimg.QCOW2, size=CAPACITY)
 
-    def block_bare(rng: lvm.PERange) -> None:
+    def block_bare(rng: lvm_model.PERange) -> None:
         lvm_.lvcreate(vg, "bare", chunk_extents, pv_range=str(rng))
         dev = env.attach(pe_start + rng.first_pe * extent, chunk_extents * extent)
         qemuimg.create(dev, qemuimg.QCOW2, size=CAPACITY)
@@ -374,7 +385,7 @@ def bench_extend(env: Env, counter: CommandCounter, runs: int) -> list[Row]:
         env.fds.append(fd)
         seg = dom.lvm.lv_info(vg, vol_id).segments[0]
         rng = env.free_range(runs + 1)
-        dom.lvm.lvcreate(vg, "scratch", 1, pv_range=lvm.pv_range(rng.pv, rng.first_pe,
+        dom.lvm.lvcreate(vg, "scratch", 1, pv_range=lvm_model.pv_range(rng.pv, rng.first_pe,
                                                                  rng.first_pe))
         base, spm, hsm, both = (Samples(counter) for _ in range(4))
         size = os.lseek(fd, 0, os.SEEK_END)
@@ -382,7 +393,9 @@ def bench_extend(env: Env, counter: CommandCounter, runs: int) -> list[Row]:
 
         def bare() -> None:
             last = rng.first_pe + scratch - 1
-            dom.lvm.lvextend(vg, "scratch", scratch, pv_range=lvm.pv_range(rng.pv, last, last))
+            dom.lvm.lvextend(
+                vg, "scratch", scratch, pv_range=lvm_model.pv_range(rng.pv, last, last)
+            )
 
         def check(expected: int) -> None:
             seen = os.lseek(fd, 0, os.SEEK_END)
@@ -410,7 +423,7 @@ def bench_extend(env: Env, counter: CommandCounter, runs: int) -> list[Row]:
             size += chunk
             total = size // extent
             last = seg.first_pe + total - 1
-            dom.lvm.lvextend(vg, vol_id, total, pv_range=lvm.pv_range(seg.pv, last, last))
+            dom.lvm.lvextend(vg, vol_id, total, pv_range=lvm_model.pv_range(seg.pv, last, last))
             hsm.measure(refresh)
             check(size)
             size += chunk

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from storage import api as api_mod
-from storage import block_sd, commands, lvm, volume
+from storage import block_sd, commands, lvm_model, volume
 
 MiB = 1024**2
 GiB = 1024**3
@@ -62,7 +62,7 @@ def create_volume(provider: api_mod.StorageAPI, pool_id: str, sd_id: str, img_id
     return status
 
 
-def lvs_of(provider: api_mod.StorageAPI, sd_id: str) -> dict[str, lvm.LV]:
+def lvs_of(provider: api_mod.StorageAPI, sd_id: str) -> dict[str, lvm_model.LV]:
     """The VG's LVs by name, read with lvm2 directly."""
     dom = provider.cache.get(sd_id)
     assert isinstance(dom, block_sd.BlockDomain)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from storage import activation, commands, errors, loop, lvm, qemuimg
+from storage import activation, commands, errors, loop, lvm_model, qemuimg
 from tests.storage import conftest
 
 pytestmark = [pytest.mark.root, conftest.requires_root]
@@ -67,8 +67,8 @@ def test_auto_is_loop_without_device_mapper(vg: conftest.LoopVG, run_dir: str) -
 
 def test_activate_maps_the_lv_range(vg: conftest.LoopVG, act: activation.LoopActivation) -> None:
     pv = vg.devices[0]
-    vg.lvm.lvcreate(vg.name, "before", 10, pv_range=lvm.pv_range(pv, 0, 9))
-    vg.lvm.lvcreate(vg.name, "vol", 5, pv_range=lvm.pv_range(pv, 10, 14))
+    vg.lvm.lvcreate(vg.name, "before", 10, pv_range=lvm_model.pv_range(pv, 0, 9))
+    vg.lvm.lvcreate(vg.name, "vol", 5, pv_range=lvm_model.pv_range(pv, 10, 14))
 
     dev = act.activate(vg.name, "vol")
 
@@ -132,7 +132,9 @@ def test_extend_into_the_reservation_and_refresh_is_seen_by_a_holder(
     # Reserve 10 extents, create the LV on the first 4, grow it in place.
     reservation = vg.lvm.find_free_range(vg.name, 10)
     first = reservation.first_pe
-    vg.lvm.lvcreate(vg.name, "vol", 4, pv_range=lvm.pv_range(reservation.pv, first, first + 3))
+    vg.lvm.lvcreate(
+        vg.name, "vol", 4, pv_range=lvm_model.pv_range(reservation.pv, first, first + 3)
+    )
     dev = act.activate(vg.name, "vol")
     fd = os.open(dev, os.O_RDWR)  # like QEMU holding its disk
     try:
@@ -140,7 +142,7 @@ def test_extend_into_the_reservation_and_refresh_is_seen_by_a_holder(
         assert act.refresh(vg.name, "vol") == 4 * vg.extent_size  # nothing changed
 
         vg.lvm.lvextend(
-            vg.name, "vol", 8, pv_range=lvm.pv_range(reservation.pv, first + 4, first + 7)
+            vg.name, "vol", 8, pv_range=lvm_model.pv_range(reservation.pv, first + 4, first + 7)
         )
         new_size = act.refresh(vg.name, "vol")
 
@@ -158,8 +160,8 @@ def test_lv_not_in_one_range_is_refused(
     vg: conftest.LoopVG, run_dir: str, act: activation.LoopActivation
 ) -> None:
     pv = vg.devices[0]
-    vg.lvm.lvcreate(vg.name, "vol", 2, pv_range=lvm.pv_range(pv, 0, 1))
-    vg.lvm.lvextend(vg.name, "vol", 4, pv_range=lvm.pv_range(pv, 50, 51))
+    vg.lvm.lvcreate(vg.name, "vol", 2, pv_range=lvm_model.pv_range(pv, 0, 1))
+    vg.lvm.lvextend(vg.name, "vol", 4, pv_range=lvm_model.pv_range(pv, 50, 51))
 
     with pytest.raises(errors.LogicalVolumeNotContiguous) as e:
         act.activate(vg.name, "vol")
@@ -173,9 +175,9 @@ def test_extension_elsewhere_makes_refresh_fail(
     vg: conftest.LoopVG, act: activation.LoopActivation
 ) -> None:
     pv = vg.devices[0]
-    vg.lvm.lvcreate(vg.name, "vol", 2, pv_range=lvm.pv_range(pv, 0, 1))
+    vg.lvm.lvcreate(vg.name, "vol", 2, pv_range=lvm_model.pv_range(pv, 0, 1))
     dev = act.activate(vg.name, "vol")
-    vg.lvm.lvextend(vg.name, "vol", 3, pv_range=lvm.pv_range(pv, 60, 60))
+    vg.lvm.lvextend(vg.name, "vol", 3, pv_range=lvm_model.pv_range(pv, 60, 60))
     with pytest.raises(errors.LogicalVolumeNotContiguous):
         act.refresh(vg.name, "vol")
     assert loop.size(dev) == 2 * vg.extent_size  # left as it was
@@ -324,8 +326,8 @@ def test_activate_maps_from_a_current_reading_without_commands(
     vg: conftest.LoopVG, act: activation.LoopActivation, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pv = vg.devices[0]
-    vg.lvm.lvcreate(vg.name, "before", 10, pv_range=lvm.pv_range(pv, 0, 9))
-    vg.lvm.lvcreate(vg.name, "vol", 5, pv_range=lvm.pv_range(pv, 10, 14))
+    vg.lvm.lvcreate(vg.name, "before", 10, pv_range=lvm_model.pv_range(pv, 0, 9))
+    vg.lvm.lvcreate(vg.name, "vol", 5, pv_range=lvm_model.pv_range(pv, 10, 14))
     state = vg.lvm.vg_state(vg.name)
     expected = vg.lvm.lv_layout(vg.name, "vol")
     counter = Counter(monkeypatch)
@@ -344,9 +346,9 @@ def test_activate_reads_the_layout_when_the_reading_is_stale(
     vg: conftest.LoopVG, act: activation.LoopActivation, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pv = vg.devices[0]
-    vg.lvm.lvcreate(vg.name, "vol", 5, pv_range=lvm.pv_range(pv, 10, 14))
+    vg.lvm.lvcreate(vg.name, "vol", 5, pv_range=lvm_model.pv_range(pv, 10, 14))
     state = vg.lvm.vg_state(vg.name)
-    vg.lvm.lvextend(vg.name, "vol", 7, pv_range=lvm.pv_range(pv, 15, 16))
+    vg.lvm.lvextend(vg.name, "vol", 7, pv_range=lvm_model.pv_range(pv, 15, 16))
     counter = Counter(monkeypatch)
 
     dev = act.activate(vg.name, "vol", vg_state=state)

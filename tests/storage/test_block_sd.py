@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from storage import block_sd, commands, errors, loop, lvm, sd, volume
+from storage import block_sd, commands, errors, loop, lvm, lvm_model, sd, volume
 from tests.storage.conftest import requires_root, stacked_loop_devices
 from tests.storage.domain_helpers import (
     create_volume,
@@ -45,7 +45,7 @@ def test_create_makes_vg_and_special_lvs(api, block_domain_factory):
     assert set(lvs) == set(block_sd.SPECIAL_LVS)
     for lv in lvs.values():
         # Loop activation maps each LV as one range.
-        assert len(lvm.merged_segments(lv.segments)) == 1
+        assert len(lvm_model.merged_segments(lv.segments)) == 1
     info = api.storage_domain_get_info(sd_id)
     assert info["uuid"] == sd_id
     assert info["name"] == "blockdom"
@@ -109,8 +109,8 @@ def test_next_volume_skips_reservations(api, block_domain_factory):
     create_volume(api, pool_id, sd_id, img1, v1, 40 * MiB)
     create_volume(api, pool_id, sd_id, img2, v2, 40 * MiB)
     lvs = lvs_of(api, sd_id)
-    first = lvm.merged_segments(lvs[v1].segments)[0]
-    second = lvm.merged_segments(lvs[v2].segments)[0]
+    first = lvm_model.merged_segments(lvs[v1].segments)[0]
+    second = lvm_model.merged_segments(lvs[v2].segments)[0]
     assert second.first_pe >= first.first_pe + 11
 
 
@@ -326,7 +326,7 @@ def test_prepared_chain_maps_each_lv_exactly(api, block_domain_factory):
     try:
         for entry in prep["chain"]:
             layout = dom.lvm.lv_layout(sd_id, entry["volumeID"])
-            (seg,) = lvm.merged_segments(layout.segments)
+            (seg,) = lvm_model.merged_segments(layout.segments)
             st = loop.status(os.path.realpath(entry["path"]))
             assert st is not None and st.backed_by(seg.pv)
             assert st.offset == layout.offset(seg)
@@ -349,9 +349,9 @@ def test_refresh_reads_the_vg_once(api, block_domain_factory, monkeypatch):
     create_volume(api, pool_id, sd_id, img, vol, 40 * MiB)
     path = api.prepare(pool_id, sd_id, img, vol)["path"]
     try:
-        (seg,) = lvm.merged_segments(dom.lvm.lv_info(sd_id, vol).segments)
+        (seg,) = lvm_model.merged_segments(dom.lvm.lv_info(sd_id, vol).segments)
         other = lvm.LVM(dom.manifest.devices, activation=False)  # "another host"
-        other.lvextend(sd_id, vol, seg.count + 1, pv_range=lvm.pv_range(
+        other.lvextend(sd_id, vol, seg.count + 1, pv_range=lvm_model.pv_range(
             seg.pv, seg.last_pe + 1, seg.last_pe + 1))
         log = CommandLog(monkeypatch)
 

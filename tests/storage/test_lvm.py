@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from storage import errors, lvm
+from storage import errors, lvm, lvm_model
 from tests.storage import conftest
 
 pytestmark = [pytest.mark.root, conftest.requires_root]
@@ -123,21 +123,21 @@ def test_lv_errors(vg_factory: VGFactory) -> None:
 def test_lv_in_a_pe_range_and_extend_into_the_following_extents(vg_factory: VGFactory) -> None:
     vg = vg_factory()
     pv = vg.devices[0]
-    vg.lvm.lvcreate(vg.name, "vol", 10, pv_range=lvm.pv_range(pv, 20, 29))
-    assert vg.lvm.lv_info(vg.name, "vol").segments == (lvm.Segment(pv, 20, 29),)
+    vg.lvm.lvcreate(vg.name, "vol", 10, pv_range=lvm_model.pv_range(pv, 20, 29))
+    assert vg.lvm.lv_info(vg.name, "vol").segments == (lvm_model.Segment(pv, 20, 29),)
 
-    vg.lvm.lvextend(vg.name, "vol", 15, pv_range=lvm.pv_range(pv, 30, 39))
+    vg.lvm.lvextend(vg.name, "vol", 15, pv_range=lvm_model.pv_range(pv, 30, 39))
 
     lv = vg.lvm.lv_info(vg.name, "vol")
     assert lv.extent_count == 15
-    assert lvm.merged_segments(lv.segments) == [lvm.Segment(pv, 20, 34)]
+    assert lvm_model.merged_segments(lv.segments) == [lvm_model.Segment(pv, 20, 34)]
 
     # Extending elsewhere makes a second segment.
-    vg.lvm.lvextend(vg.name, "vol", 17, pv_range=lvm.pv_range(pv, 100, 101))
+    vg.lvm.lvextend(vg.name, "vol", 17, pv_range=lvm_model.pv_range(pv, 100, 101))
     lv = vg.lvm.lv_info(vg.name, "vol")
-    assert lvm.merged_segments(lv.segments) == [
-        lvm.Segment(pv, 20, 34),
-        lvm.Segment(pv, 100, 101),
+    assert lvm_model.merged_segments(lv.segments) == [
+        lvm_model.Segment(pv, 20, 34),
+        lvm_model.Segment(pv, 100, 101),
     ]
 
 
@@ -145,25 +145,25 @@ def test_free_ranges_and_contiguous_allocation_with_reservations(vg_factory: VGF
     vg = vg_factory(pv_count=2, pv_size=256 * MiB)
     pv1, pv2 = vg.devices
     count1 = vg.lvm.vg_info(vg.name).pv(pv1).pe_count
-    vg.lvm.lvcreate(vg.name, "a", 10, pv_range=lvm.pv_range(pv1, 0, 9))
-    vg.lvm.lvcreate(vg.name, "b", 5, pv_range=lvm.pv_range(pv1, 30, 34))
+    vg.lvm.lvcreate(vg.name, "a", 10, pv_range=lvm_model.pv_range(pv1, 0, 9))
+    vg.lvm.lvcreate(vg.name, "b", 5, pv_range=lvm_model.pv_range(pv1, 30, 34))
 
     free = vg.lvm.free_ranges(vg.name)
 
-    assert free[:2] == [lvm.PERange(pv1, 10, 20), lvm.PERange(pv1, 35, count1 - 35)]
+    assert free[:2] == [lvm_model.PERange(pv1, 10, 20), lvm_model.PERange(pv1, 35, count1 - 35)]
     assert free[2].pv == pv2 and free[2].first_pe == 0
 
     # "a" keeps extents 10-19 reserved to grow in place.
-    reserved = [lvm.Segment(pv1, 10, 19)]
-    assert vg.lvm.find_free_range(vg.name, 10, reserved=reserved) == lvm.PERange(pv1, 20, 10)
-    assert vg.lvm.find_free_range(vg.name, 11, reserved=reserved) == lvm.PERange(pv1, 35, 11)
+    reserved = [lvm_model.Segment(pv1, 10, 19)]
+    assert vg.lvm.find_free_range(vg.name, 10, reserved=reserved) == lvm_model.PERange(pv1, 20, 10)
+    assert vg.lvm.find_free_range(vg.name, 11, reserved=reserved) == lvm_model.PERange(pv1, 35, 11)
     assert vg.lvm.find_free_range(vg.name, count1 - 30).pv == pv2
     with pytest.raises(errors.VolumeGroupSizeError):
         vg.lvm.find_free_range(vg.name, 10000)
 
     found = vg.lvm.find_free_range(vg.name, 10, reserved=reserved)
     vg.lvm.lvcreate(vg.name, "c", found.count, pv_range=str(found))
-    assert vg.lvm.lv_info(vg.name, "c").segments == (lvm.Segment(pv1, 20, 29),)
+    assert vg.lvm.lv_info(vg.name, "c").segments == (lvm_model.Segment(pv1, 20, 29),)
 
 
 def test_metadata_only_lvm_refuses_activation(vg_factory: VGFactory) -> None:
@@ -204,17 +204,17 @@ def test_concurrent_changes_of_one_vg_all_succeed(vg_factory: VGFactory) -> None
 def test_lv_layout_gives_segments_in_lv_order_with_pv_offsets(vg_factory: VGFactory) -> None:
     vg = vg_factory(pv_count=2, pv_size=256 * MiB)
     pv1, pv2 = vg.devices
-    vg.lvm.lvcreate(vg.name, "vol", 3, pv_range=lvm.pv_range(pv1, 40, 42))
-    vg.lvm.lvextend(vg.name, "vol", 5, pv_range=lvm.pv_range(pv1, 10, 11))
-    vg.lvm.lvextend(vg.name, "vol", 6, pv_range=lvm.pv_range(pv2, 0, 0))
+    vg.lvm.lvcreate(vg.name, "vol", 3, pv_range=lvm_model.pv_range(pv1, 40, 42))
+    vg.lvm.lvextend(vg.name, "vol", 5, pv_range=lvm_model.pv_range(pv1, 10, 11))
+    vg.lvm.lvextend(vg.name, "vol", 6, pv_range=lvm_model.pv_range(pv2, 0, 0))
 
     layout = vg.lvm.lv_layout(vg.name, "vol")
 
     # LV order, not PV order: 40-42 comes first although 10-11 is lower.
     assert layout.segments == (
-        lvm.Segment(pv1, 40, 42),
-        lvm.Segment(pv1, 10, 11),
-        lvm.Segment(pv2, 0, 0),
+        lvm_model.Segment(pv1, 40, 42),
+        lvm_model.Segment(pv1, 10, 11),
+        lvm_model.Segment(pv2, 0, 0),
     )
     assert layout.extent_size == vg.extent_size
     info = vg.lvm.vg_info(vg.name)
@@ -229,10 +229,12 @@ def test_lv_layout_gives_segments_in_lv_order_with_pv_offsets(vg_factory: VGFact
 def test_vg_state_answers_what_separate_reports_answer(vg_factory: VGFactory) -> None:
     vg = vg_factory(pv_count=2, pv_size=256 * MiB)
     pv1, pv2 = vg.devices
-    vg.lvm.lvcreate(vg.name, "a", 3, tags=["IU_x", "MD_0"], pv_range=lvm.pv_range(pv1, 40, 42))
-    vg.lvm.lvextend(vg.name, "a", 5, pv_range=lvm.pv_range(pv1, 10, 11))
-    vg.lvm.lvextend(vg.name, "a", 6, pv_range=lvm.pv_range(pv2, 0, 0))
-    vg.lvm.lvcreate(vg.name, "b", 2, pv_range=lvm.pv_range(pv1, 0, 1))
+    vg.lvm.lvcreate(
+        vg.name, "a", 3, tags=["IU_x", "MD_0"], pv_range=lvm_model.pv_range(pv1, 40, 42)
+    )
+    vg.lvm.lvextend(vg.name, "a", 5, pv_range=lvm_model.pv_range(pv1, 10, 11))
+    vg.lvm.lvextend(vg.name, "a", 6, pv_range=lvm_model.pv_range(pv2, 0, 0))
+    vg.lvm.lvcreate(vg.name, "b", 2, pv_range=lvm_model.pv_range(pv1, 0, 1))
 
     state = vg.lvm.vg_state(vg.name)
 
@@ -241,7 +243,7 @@ def test_vg_state_answers_what_separate_reports_answer(vg_factory: VGFactory) ->
     assert list(state.free) == vg.lvm.free_ranges(vg.name)
     for name in ("a", "b"):
         assert state.layout(name) == vg.lvm.lv_layout(vg.name, name)
-    reserved = [lvm.Segment(pv1, 2, 9)]
+    reserved = [lvm_model.Segment(pv1, 2, 9)]
     for extents in (1, 8, 30):
         assert state.find_free_range(extents, reserved) == vg.lvm.find_free_range(
             vg.name, extents, reserved
