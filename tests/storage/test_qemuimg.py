@@ -6,6 +6,7 @@ import os
 import subprocess
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -85,13 +86,15 @@ def test_info_of_an_image_in_use_needs_force_share(workdir: str) -> None:
     path = os.path.join(workdir, "busy")
     qemuimg.create(path, qemuimg.QCOW2, size=MiB)
     # qemu-io holds a write lock on the image like a running VM.
+    holder_log = open(os.path.join(workdir, "qemu-io.log"), "w+b")  # noqa: SIM115
     holder = subprocess.Popen(
         ["qemu-io", "-f", "qcow2", "-c", "sleep 600000", path],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=holder_log,
+        stderr=subprocess.STDOUT,
     )
     try:
-        _wait_locked(path)
+        _wait_locked(path, holder, holder_log)
         assert qemuimg.info(path, force_share=True)["format"] == "qcow2"
         with pytest.raises(errors.CommandFailed) as e:
             qemuimg.info(path, force_share=False)
@@ -99,9 +102,10 @@ def test_info_of_an_image_in_use_needs_force_share(workdir: str) -> None:
     finally:
         holder.kill()
         holder.wait()
+        holder_log.close()
 
 
-def _wait_locked(path: str) -> None:
+def _wait_locked(path: str, holder: subprocess.Popen[bytes], holder_log: Any) -> None:
     # Not a timing assertion: wait for the holder to have opened the image.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -109,6 +113,10 @@ def _wait_locked(path: str) -> None:
             qemuimg.info(path, force_share=False)
         except errors.CommandFailed:
             return
+        if holder.poll() is not None:
+            holder_log.seek(0)
+            output = holder_log.read().decode(errors="replace")
+            raise AssertionError(f"qemu-io exited rc={holder.returncode}: {output}")
         threading.Event().wait(0.02)
     raise AssertionError("qemu-io never locked the image")
 
