@@ -106,13 +106,16 @@ def test_info_of_an_image_in_use_needs_force_share(workdir: str) -> None:
 
 
 def _wait_locked(path: str, holder: subprocess.Popen[bytes], holder_log: Any) -> None:
-    # Not a timing assertion: wait for the holder to have opened the image.
+    # Not a timing assertion: wait for the holder to have locked the image.
+    # Watch /proc/locks rather than probing with qemu-img: a probe holds a
+    # shared lock of its own, and qemu-io opening the image at that moment
+    # fails to get its write lock.
+    inode = os.stat(path).st_ino
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        try:
-            qemuimg.info(path, force_share=False)
-        except errors.CommandFailed:
-            return
+        with open("/proc/locks") as f:
+            if any(line.split()[5].endswith(f":{inode}") for line in f if len(line.split()) > 5):
+                return
         if holder.poll() is not None:
             holder_log.seek(0)
             output = holder_log.read().decode(errors="replace")
