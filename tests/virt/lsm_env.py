@@ -24,8 +24,7 @@ from typing import Any
 
 from storage import api as storage_api
 from storage import commands, image_ops, sd
-from tests.storage import conftest as storage_conftest
-from tests.storage import domain_fixtures, domain_helpers
+from tests.storage import domain_helpers
 from tests.virt import storage_env
 
 log = logging.getLogger("tests.virt.lsm_env")
@@ -124,21 +123,7 @@ def make_lsm_env(
     )
 
     def cleanup() -> None:
-        for p in reversed(env.providers):
-            try:
-                domain_fixtures.cleanup(p)
-            except Exception:
-                log.exception("Storage clean-up failed")
-        for dev in devices:
-            for child in storage_conftest.stacked_loop_devices(dev):
-                log.error("Loop device %s left over %s", child, dev)
-                commands.run(["losetup", "--detach", child], check=False)
-        if devices:
-            storage_conftest.wipe_lvm(devices)
-        for dev in devices:
-            commands.run(["losetup", "--detach", dev], check=False)
-        for path in backing:
-            os.unlink(path)
+        storage_env.release(env.providers, devices, backing)
 
     def create_domain(sd_id: str, domain_type: str, name: str) -> None:
         if domain_type == sd.FILE:

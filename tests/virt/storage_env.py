@@ -191,21 +191,7 @@ def make_env(workdir: str, domain_type: str) -> tuple[StorageEnv, Callable[[], N
     env = StorageEnv(workdir, domain_type, provider, "", sd_id, devices)
 
     def cleanup() -> None:
-        for p in reversed(env.providers):
-            try:
-                domain_fixtures.cleanup(p)
-            except Exception:
-                log.exception("Storage clean-up failed")
-        for dev in devices:
-            for child in storage_conftest.stacked_loop_devices(dev):
-                log.error("Loop device %s left over %s", child, dev)
-                commands.run(["losetup", "--detach", child], check=False)
-        if devices:
-            storage_conftest.wipe_lvm(devices)
-        for dev in devices:
-            commands.run(["losetup", "--detach", dev], check=False)
-        for path in backing:
-            os.unlink(path)
+        release(env.providers, devices, backing)
 
     try:
         if domain_type == sd.FILE:
@@ -225,3 +211,24 @@ def make_env(workdir: str, domain_type: str) -> tuple[StorageEnv, Callable[[], N
         cleanup()
         raise
     return env, cleanup
+
+
+def release(
+    providers: list[storage_api.StorageAPI], devices: list[str], backing: list[str]
+) -> None:
+    """Undo an env: clean every provider's storage, then the loop devices and files."""
+    for p in reversed(providers):
+        try:
+            domain_fixtures.cleanup(p)
+        except Exception:
+            log.exception("Storage clean-up failed")
+    for dev in devices:
+        for child in storage_conftest.stacked_loop_devices(dev):
+            log.error("Loop device %s left over %s", child, dev)
+            commands.run(["losetup", "--detach", child], check=False)
+    if devices:
+        storage_conftest.wipe_lvm(devices)
+    for dev in devices:
+        commands.run(["losetup", "--detach", dev], check=False)
+    for path in backing:
+        os.unlink(path)
