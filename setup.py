@@ -6,7 +6,7 @@ setuptools.setup(
     name="vdsm-lsm",
     version="0.1.0",
     description="Host agent that moves the disks of running VMs between storage domains",
-    packages=["vdsm_lsm", "storage", "virt", "rpc"],
+    packages=["vdsm_lsm", "storage", "virt", "rpc", "common"],
     package_data={"vdsm_lsm": ["api.yml"]},
     python_requires=">=3.11",
     install_requires=[
@@ -20,7 +20,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "vdsm-lsm = vdsm_lsm.daemon:main",
-            "vdsm-lsm-client = vdsm_lsm.client:main",
+            "vdsm-lsm-client = vdsm_lsm.cli:main",
         ],
     },
 )

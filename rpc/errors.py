@@ -1,59 +1,26 @@
-"""Errors that reach a JSON-RPC caller.
+"""Errors of the JSON-RPC layer itself.
 
 Exception tree::
 
-    Error                       base: a message template filled from fields
+    common.errors.Error         the one foundation (name, msg, fields)
      +-- ProtocolError          JSON-RPC's own errors (-32700 ... -32602)
      |    +-- ParseError        -32700
      |    +-- InvalidRequest    -32600
      |    +-- MethodNotFound    -32601
      |    +-- InvalidParams     -32602
-     +-- (package errors)       storage.errors, virt.errors, vdsm_lsm.errors
+     +-- NotImplementedVerb     noimpl 44
 
-Every error has a ``name``: the key of its code in the schema's error table
-(``vdsm_lsm/api.yml``).  Packages subclass :class:`Error` and set ``name``;
-the code itself is only looked up in one place, ``rpc.dispatch``, so this
-module and the packages never carry numbers.  Keyword arguments become
-attributes and fill ``msg``, so the message and the structured fields
-always agree::
-
-    class VolumeDoesNotExist(errors.Error):
-        name = "VolumeDoesNotExist"
-        msg = "Volume {vol_id} does not exist in domain {sd_id}"
+Storage and virt build on :mod:`common.errors` too, never on this module;
+``rpc.dispatch`` maps any of those errors to its code by ``name``.
+``Error`` and ``GeneralException`` are re-exported for rpc's own callers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from common import errors
 
-
-class Error(Exception):
-    name = "GeneralException"
-    msg = "Unexpected error"
-    # Expected errors are logged at info level without a traceback.
-    expected = True
-
-    def __init__(self, reason: str | None = None, **fields: Any) -> None:
-        self.reason = reason
-        self.fields = fields
-        for key, value in fields.items():
-            setattr(self, key, value)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        try:
-            text = self.msg.format(**self.fields)
-        except (KeyError, IndexError):
-            text = self.msg
-        if self.reason:
-            text = f"{text}: {self.reason}"
-        return text
-
-
-class GeneralException(Error):
-    name = "GeneralException"
-    msg = "Unexpected error"
-    expected = False
+Error = errors.Error
+GeneralException = errors.GeneralException
 
 
 class ProtocolError(Error):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rpc import errors
+from common import errors
 
 
 class Error(errors.Error):
@@ -10,14 +10,35 @@ class Error(errors.Error):
     msg = "Storage error"
 
 
+class InvalidUUID(Error):
+    """A value that must be a UUID (it becomes a path or an LV name) is not;
+    answered as invalid params (-32602), like the schema's own check."""
+
+    name = "InvalidParams"
+    msg = "Not a UUID: {value!r}"
+
+
+class InvalidDomainArgs(Error):
+    """StorageDomain.create's typeArgs do not fit its domainType."""
+
+    name = "InvalidParams"
+    msg = "Invalid typeArgs for a {domain_type} domain"
+
+
 class CommandFailed(Error):
     name = "CommandFailed"
     msg = "Command {cmd} failed rc={rc} err={err!r}"
+    # Always given as fields (which become attributes).
+    cmd: list[str]
+    rc: int
+    err: str
 
 
 class CommandTimeout(Error):
     name = "CommandTimeout"
     msg = "Command {cmd} timed out after {timeout}s"
+    cmd: list[str]
+    timeout: float | None
 
 
 # Storage infrastructure: out-of-process file operations, resource locks,
@@ -200,8 +221,8 @@ class ActivationModeUnavailable(Error):
     msg = "Activation mode {mode} is not available on this host"
 
 
-# Domains, volumes, images and the pool (storage/sd.py, file_sd.py,
-# block_sd.py, volume.py, image.py, pool.py, extend.py, api.py).
+# Domains, volumes, images and the pool (storage/sd.py, file_sd.py, block_*.py,
+# volume.py, image.py, pool.py, extend.py, api.py).
 
 
 class VolumeDoesNotExist(Error):

@@ -25,7 +25,7 @@ from typing import Any
 
 import libvirt
 
-from rpc import errors as rpc_errors
+from common import errors as common_errors
 from virt import (
     connection,
     domxml,
@@ -45,18 +45,17 @@ from virt import vm as vm_mod
 log = logging.getLogger("virt.api")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
+    """What virt is told by whoever builds it (the daemon: vdsm_lsm/app.py)."""
+
     libvirt_uri: str = "qemu:///system"
     # Default of vmParams.accel ([vm] accel): "kvm", or "tcg" where KVM cannot
     # run the guest.
     accel: str = "kvm"
-    # Watermark monitor (virt/thinp.py): [thinp] monitor_interval in seconds,
-    # 0 runs none (nothing extends thin volumes); [irs]
-    # volume_utilization_percent and volume_utilization_chunk_mb.
-    monitor_interval: float = 0.0
-    utilization_percent: int = 20
-    chunk_mb: int = 2560
+    # The watermark monitor's own settings (virt/thinp.py), passed to it as
+    # they are; None runs no monitor (nothing extends thin volumes).
+    thinp: thinp.Config | None = None
 
 
 class API:
@@ -74,16 +73,8 @@ class API:
             config.libvirt_uri, dispatch=self.events, on_reconnect=self._resync
         )
         self.thinp: thinp.Monitor | None = None
-        if config.monitor_interval > 0:
-            self.thinp = thinp.Monitor(
-                storage,
-                self.vms,
-                thinp.Config(
-                    interval=config.monitor_interval,
-                    utilization_percent=config.utilization_percent,
-                    chunk_mb=config.chunk_mb,
-                ),
-            )
+        if config.thinp is not None:
+            self.thinp = thinp.Monitor(storage, self.vms, config.thinp)
             self.events.threshold_hooks.append(self.thinp.on_threshold)
             self.events.io_error_hooks.append(self.thinp.on_io_error)
 
@@ -233,7 +224,7 @@ class API:
         ids = (spec.pool_id, spec.domain_id, spec.image_id, spec.volume_id)
         try:
             result = self._storage.prepare(*ids)
-        except rpc_errors.Error:
+        except common_errors.Error:
             raise
         except Exception as e:
             raise errors.ImageError(

@@ -2,7 +2,7 @@
 
 Exception tree::
 
-    rpc.errors.Error
+    common.errors.Error
      +-- Error                  base of virt errors (never raised itself)
           +-- NoVMError          noVM 1
           +-- VMExistsError          exist 4
@@ -25,7 +25,7 @@ Errors keep their root cause as ``__cause__`` (``raise ... from e``).
 
 from __future__ import annotations
 
-from rpc import errors
+from common import errors
 
 
 class Error(errors.Error):

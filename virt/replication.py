@@ -45,7 +45,7 @@ from typing import Any
 
 import libvirt
 
-from rpc import errors as rpc_errors
+from common import errors as common_errors
 from virt import domxml, errors, storage_iface
 from virt import drive as drive_mod
 from virt import vm as vm_mod
@@ -108,7 +108,7 @@ def start(
         )
         try:
             result = storage.prepare(*ids, allow_illegal=True)
-        except rpc_errors.Error:
+        except common_errors.Error:
             raise
         except Exception as e:
             raise errors.ImageError(str(e), sd_id=ids[1], img_id=ids[2], vol_id=ids[3]) from e

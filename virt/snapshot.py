@@ -27,7 +27,7 @@ from typing import Any
 
 import libvirt
 
-from rpc import errors as rpc_errors
+from common import errors as common_errors
 from virt import domxml, errors, storage_iface
 from virt import drive as drive_mod
 from virt import vm as vm_mod
@@ -107,7 +107,7 @@ def _prepare_one(
     log.info("Preparing snapshot volume vm=%s drive=%s volume=%s", vm.id, d.name, new_id)
     try:
         result = storage.prepare(d.pool_id, domain_id, image_id, new_id)
-    except rpc_errors.Error:
+    except common_errors.Error:
         raise
     except Exception as e:
         raise errors.ImageError(str(e), sd_id=domain_id, img_id=image_id, vol_id=new_id) from e

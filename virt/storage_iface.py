@@ -8,7 +8,7 @@ The daemon passes an object with these methods: storage's API provider
 ``volume_get_info``, ``set_volume_legality``, ``extend``, ``refresh``).
 
 Errors: storage raises its own coded errors (subclasses of
-``rpc.errors.Error``, e.g. VolumeDoesNotExist); virt lets them through to the
+``common.errors.Error``, e.g. VolumeDoesNotExist); virt lets them through to the
 caller after undoing its own work.
 """
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from rpc import errors as rpc_errors
-from storage import errors, file_sd, sd, volume
+from common import errors as common_errors
+from storage import errors, sd, volume
 from tests.storage.domain_helpers import (
     create_volume,
     file_tree,
@@ -106,7 +106,7 @@ def test_path_must_be_an_existing_directory(api, storage_tmpdir, path):
         pass
     sd_id = new_id()
     before = file_tree(storage_tmpdir)
-    with pytest.raises(rpc_errors.Error) as e:
+    with pytest.raises(common_errors.Error) as e:
         api.storage_domain_create(
             sd_id, sd.FILE, {"path": os.path.join(storage_tmpdir, path) if path else ""}, "x"
         )
@@ -170,7 +170,9 @@ def test_metadata_without_eof_is_refused(api, file_domain_factory, storage_tmpdi
         api.storage_domain_get_info(sd_id)
 
 
-def test_is_uuid():
-    assert file_sd.is_uuid(new_id())
-    assert not file_sd.is_uuid("../etc")
-    assert not file_sd.is_uuid(new_id().upper())
+def test_check_uuid():
+    """Only canonical UUIDs become paths (names on the file system)."""
+    sd.check_uuid(new_id())
+    for bad in ("../etc", new_id().upper()):
+        with pytest.raises(errors.InvalidUUID):
+            sd.check_uuid(bad)
