@@ -4,10 +4,12 @@ Providers are plain objects; the verb ``Namespace.verbName`` is served by the
 provider method ``namespace_verb_name`` (see :func:`rpc.schema.handler_name`).
 A verb of the schema that no provider serves answers ``noimpl``.
 
-This is the one place where exceptions become error codes
-(:meth:`Dispatcher.error_of`): an error carrying a ``name`` from the schema's
-table gets that code; anything else is unexpected, logged with its traceback
-and answered as ``GeneralException``.
+This is the one place where error names become codes: an exception
+(:meth:`Dispatcher.error_of`) carrying a ``name`` from the schema's table
+gets that code, anything else is unexpected, logged with its traceback and
+answered as ``GeneralException``; a result with error names in fields the
+schema types ``errorCode`` (task statuses) gets their codes
+(:meth:`rpc.schema.Schema.answer`).
 """
 
 from __future__ import annotations
@@ -51,15 +53,21 @@ class Dispatcher:
     def implemented(self) -> set[str]:
         return set(self._handlers)
 
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        """Verb name -> the handler serving it."""
+        with self._lock:
+            return dict(self._handlers)
+
     def call(self, method: Any, params: Any) -> Any:
-        """Validate and run one call; raise an rpc.errors.Error on failure."""
+        """Validate and run one call and answer its result through the schema;
+        raise an error on failure."""
         if not isinstance(method, str):
             raise errors.InvalidRequest("method must be a string")
         target, kwargs = self.schema.validate(method, params)
         func = self._handlers.get(target)
         if func is None:
             raise errors.NotImplementedVerb(method=target)
-        return func(**kwargs)
+        return self.schema.answer(target, func(**kwargs))
 
     def handle(self, method: Any, params: Any) -> tuple[bool, Any]:
         """Run a call and log it. Return (True, result) or (False, (code, message))."""

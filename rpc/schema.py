@@ -12,11 +12,20 @@ keyword arguments of a handler:
   :class:`rpc.errors.InvalidParams` naming the param;
 - param names are snake-cased for the handler (``storagepoolID`` ->
   ``storagepool_id``); nested dicts keep the caller's keys.
+
+A verb whose ``returns`` is a type (not a line of text) has its handler's
+result answered through that type (:meth:`Schema.answer`): today that maps
+fields of type ``errorCode``.  A handler gives an error *name* there (``""``
+for none); the caller gets its code from the error table (0 for none) and
+the name beside it in ``error``.  With
+:meth:`rpc.dispatch.Dispatcher.error_of` for raised errors, this is how
+the daemon's answers get their codes: storage and virt carry names only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import uuid
 from collections.abc import Mapping
@@ -24,16 +33,23 @@ from typing import Any
 
 import yaml
 
+from common import uuids
 from rpc import errors
 
-BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+log = logging.getLogger("rpc.schema")
 
-_UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-)
+BLANK_UUID = uuids.BLANK_UUID
+
 _ACRONYM_RE = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
 _SNAKE_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_BASIC_TYPES = {"uuid", "string", "int", "size", "bool", "number", "enum", "list", "dict", "any"}
+_BASIC_TYPES = {
+    "uuid", "string", "int", "size", "bool", "number", "enum", "list", "dict", "map", "any",
+}
+# Types a result may use but a param may not.
+ERROR_CODE = "errorCode"
+_RESULT_TYPES = {ERROR_CODE}
+# Where an errorCode field's name is answered, beside its number.
+ERROR_NAME_KEY = "error"
 
 
 def snake_case(name: str) -> str:
@@ -71,6 +87,8 @@ class Verb:
     doc: str
     params: tuple[Param, ...]
     returns: str
+    # The type of the handler's result when the schema declares one.
+    result: Mapping[str, Any] | None = None
     # For an alias: the verb it stands for and how its param names map.
     target: str | None = None
     param_map: Mapping[str, str] | None = None
@@ -93,7 +111,10 @@ class Schema:
         self.verbs: dict[str, Verb] = {}
         for name, entry in (doc.get("verbs") or {}).items():
             params = tuple(Param(p, spec) for p, spec in (entry.get("params") or {}).items())
-            verb = Verb(name, entry.get("doc", ""), params, str(entry.get("returns", "")))
+            returns = entry.get("returns", "")
+            result = returns if isinstance(returns, Mapping) else None
+            text = spec_text(result) if result is not None else str(returns)
+            verb = Verb(name, entry.get("doc", ""), params, text, result)
             self.verbs[name] = verb
             for alias, mapping in (entry.get("aliases") or {}).items():
                 by_target = {p.name: p for p in params}
@@ -105,6 +126,7 @@ class Schema:
                     f"Alias of {name}.",
                     alias_params,
                     verb.returns,
+                    verb.result,
                     target=name,
                     param_map=dict(mapping),
                 )
@@ -119,20 +141,31 @@ class Schema:
         """Reject a schema that names unknown types (a bug, found at start)."""
         for verb in self.verbs.values():
             for param in verb.params:
-                self._check_spec(param.spec, f"{verb.name}.{param.name}")
+                self._check_spec(param.spec, f"{verb.name}.{param.name}", params=True)
+            if verb.result is not None:
+                self._check_spec(verb.result, f"{verb.name} returns")
         for name, spec in self.types.items():
             self._check_spec(spec, name)
 
-    def _check_spec(self, spec: Mapping[str, Any], where: str) -> None:
+    def _check_spec(
+        self,
+        spec: Mapping[str, Any],
+        where: str,
+        params: bool = False,
+        seen: frozenset[str] = frozenset(),
+    ) -> None:
         kind = spec.get("type")
-        if kind not in _BASIC_TYPES and kind not in self.types:
+        if kind not in _BASIC_TYPES and kind not in _RESULT_TYPES and kind not in self.types:
             raise ValueError(f"Schema: unknown type {kind!r} at {where}")
-        if kind == "list" and "items" in spec:
-            items = spec["items"]
-            item_spec = items if isinstance(items, Mapping) else {"type": items}
-            self._check_spec(item_spec, f"{where}[]")
+        if params and kind in _RESULT_TYPES:
+            raise ValueError(f"Schema: type {kind!r} is for results only, at {where}")
+        if params and kind in self.types and kind not in seen:
+            # What a param may not hold, its named type may not either.
+            self._check_spec(self.types[kind], f"{where} ({kind})", params, seen | {kind})
+        if kind in ("list", "map") and "items" in spec:
+            self._check_spec(_item_spec(spec), f"{where}[]", params, seen)
         for key, sub in (spec.get("properties") or {}).items():
-            self._check_spec(sub, f"{where}.{key}")
+            self._check_spec(sub, f"{where}.{key}", params, seen)
 
     # Validation
 
@@ -186,7 +219,7 @@ class Schema:
         return value
 
     def _check_uuid(self, spec: Mapping[str, Any], value: Any, where: str) -> str:
-        if not isinstance(value, str) or not _UUID_RE.match(value):
+        if not uuids.is_uuid(value):
             raise errors.InvalidParams(f"{where}: not a UUID: {_short(value)}")
         return str(uuid.UUID(value))
 
@@ -245,9 +278,20 @@ class Schema:
             raise errors.InvalidParams(f"{where}: expected a list, got {_json_type(value)}")
         if len(value) > spec.get("max_items", 1024):
             raise errors.InvalidParams(f"{where}: too many items")
-        items = spec.get("items", "any")
-        item_spec = items if isinstance(items, Mapping) else {"type": items}
+        item_spec = _item_spec(spec)
         return [self.check_value(item_spec, v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+    def _check_map(self, spec: Mapping[str, Any], value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise errors.InvalidParams(f"{where}: expected an object, got {_json_type(value)}")
+        if len(value) > spec.get("max_items", 1024):
+            raise errors.InvalidParams(f"{where}: too many items")
+        item_spec = _item_spec(spec)
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            key = self._check_string({}, key, f"{where} key")
+            result[key] = self.check_value(item_spec, item, f"{where}.{key}")
+        return result
 
     def _check_dict(self, spec: Mapping[str, Any], value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -268,10 +312,72 @@ class Schema:
                 raise errors.InvalidParams(f"{where}: missing key {key}")
         return result
 
+    # Results
+
+    def answer(self, method: str, result: Any) -> Any:
+        """A handler's result as the caller gets it, through the verb's
+        result type (unchanged when the verb declares none)."""
+        verb = self.verbs[method]
+        if verb.result is None:
+            return result
+        return self._answer(verb.result, result)
+
+    def _answer(self, spec: Mapping[str, Any], value: Any) -> Any:
+        kind = spec["type"]
+        if kind in self.types:
+            return self._answer(self.types[kind], value)
+        if kind == "list" and isinstance(value, list):
+            item_spec = _item_spec(spec)
+            return [self._answer(item_spec, v) for v in value]
+        if kind == "map" and isinstance(value, Mapping):
+            item_spec = _item_spec(spec)
+            return {k: self._answer(item_spec, v) for k, v in value.items()}
+        if kind == "dict" and isinstance(value, Mapping) and "properties" in spec:
+            out = dict(value)
+            for key, sub in spec["properties"].items():
+                if key not in out:
+                    continue
+                if self._kind(sub) == ERROR_CODE:
+                    given = out[key]
+                    out[key], name = self.error_code_of(given)
+                    if isinstance(given, str) or ERROR_NAME_KEY not in out:
+                        out[ERROR_NAME_KEY] = name
+                else:
+                    out[key] = self._answer(sub, out[key])
+            return out
+        return value
+
+    def _kind(self, spec: Mapping[str, Any]) -> str:
+        kind = spec["type"]
+        while kind in self.types:
+            kind = self.types[kind]["type"]
+        return str(kind)
+
+    def error_code_of(self, value: Any) -> tuple[int, str]:
+        """(code, name) of an errorCode field: a name ("" for none) gets its
+        code (0 for none); a code already given stays as it is."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, self.error_name_of(value)
+        name = str(value or "")
+        if not name:
+            return 0, ""
+        code = self.code_of(name)
+        if code is None:
+            log.error("Error name %r has no code in the schema", name)
+            return self.errors["GeneralException"], name
+        return code, name
+
     # Errors
 
     def code_of(self, name: str) -> int | None:
         return self.errors.get(name)
+
+    def error_name_of(self, code: int) -> str:
+        """The name of an error code ("" for 0 or a code of no error)."""
+        for name, number in self.errors.items():
+            if number == code:
+                return name
+        return ""
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -286,6 +392,22 @@ class _StrictLoader(yaml.SafeLoader):
                 raise ValueError(f"Schema: duplicate key {key!r} at line {line}")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _item_spec(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The spec of a list's or a map's items (``items: TYPE`` or a spec)."""
+    items = spec.get("items", "any")
+    return items if isinstance(items, Mapping) else {"type": items}
+
+
+def spec_text(spec: Mapping[str, Any]) -> str:
+    """A result type as one line of text: ``TaskStatus``, ``{taskID: TaskStatus}``."""
+    kind = spec["type"]
+    if kind == "map":
+        return f"{{{spec.get('key', 'key')}: {spec_text(_item_spec(spec))}}}"
+    if kind == "list":
+        return f"[{spec_text(_item_spec(spec))}]"
+    return str(kind)
 
 
 def _json_type(value: Any) -> str:

@@ -89,3 +89,36 @@ def test_requests_are_logged(dispatcher, caplog):
     dispatcher.handle("Host.ping2", {})
     assert any("method=Host.ping2" in r.getMessage() and "code=0" in r.getMessage()
                for r in caplog.records)
+
+
+class TaskProvider:
+    """Answers task statuses the way storage reports them: an error name."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def task_get_status(self, task_id):
+        return {"taskID": task_id, "taskState": "finished", "taskResult": "cleanFailure",
+                "code": self.code, "message": "gone", "progress": 100}
+
+
+@pytest.mark.parametrize(
+    "given, code, error",
+    [
+        ("VolumeDoesNotExist", 201, "VolumeDoesNotExist"),
+        ("", 0, ""),
+        # A handler that gives the code itself: kept, its name looked up.
+        (201, 201, "VolumeDoesNotExist"),
+    ],
+)
+def test_task_status_codes_mapped_by_dispatch(given, code, error):
+    d = dispatch.Dispatcher(app.load_schema(), [TaskProvider(given)])
+    ok, status = d.handle("Task.getStatus", {"taskID": UUID})
+    assert ok and (status["code"], status["error"]) == (code, error)
+    assert status["taskID"] == UUID and status["message"] == "gone"
+
+
+def test_handlers_are_listed_by_verb(dispatcher):
+    handlers = dispatcher.handlers()
+    assert set(handlers) == dispatcher.implemented()
+    assert handlers["Host.ping2"]() is True

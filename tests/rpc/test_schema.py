@@ -244,3 +244,74 @@ def test_schema_file_is_plain_yaml():
     with open(app.SCHEMA_PATH) as f:
         doc = yaml.safe_load(f)
     assert set(doc) >= {"verbs", "errors", "types"}
+
+
+# Result types: task statuses carry error names, the caller gets codes.
+
+
+def _status(code: object, **extra: object) -> dict[str, object]:
+    return {"taskID": UUID, "taskState": "finished", "taskResult": "cleanFailure",
+            "code": code, "message": "m", "progress": 100, **extra}
+
+
+def test_task_status_error_name_answered_as_its_code(api):
+    answer = api.answer("Task.getStatus", _status("VolumeDoesNotExist"))
+    assert answer == _status(201, error="VolumeDoesNotExist")
+
+
+def test_task_status_without_error_answers_zero(api):
+    answer = api.answer("Task.getStatus", _status(""))
+    assert answer["code"] == 0 and answer["error"] == ""
+
+
+def test_task_status_with_a_code_already_kept(api):
+    # What a handler that still converts itself gives: left as it is.
+    given = _status(411, error="TaskAborted")
+    assert api.answer("Task.getStatus", given) == given
+    assert api.answer("Task.getStatus", _status(0))["error"] == ""
+
+
+def test_every_status_of_the_map_answered(api):
+    other = "e0f6a4a2-8a1d-4a55-b1cf-6a0c49c9b8b7"
+    answer = api.answer(
+        "Host.getAllTasksStatuses", {UUID: _status("TaskAborted"), other: _status("")}
+    )
+    assert (answer[UUID]["code"], answer[UUID]["error"]) == (411, "TaskAborted")
+    assert (answer[other]["code"], answer[other]["error"]) == (0, "")
+
+
+def test_error_name_without_code_answered_as_general(api, caplog):
+    answer = api.answer("Task.getStatus", _status("NoSuchError"))
+    assert (answer["code"], answer["error"]) == (100, "NoSuchError")
+    assert "NoSuchError" in caplog.text
+
+
+def test_results_of_untyped_verbs_unchanged(api):
+    result = {"code": "VolumeDoesNotExist"}
+    assert api.answer("Volume.getInfo", result) is result
+
+
+def test_typed_returns_documented_as_text(api):
+    assert api.verbs["Task.getStatus"].returns == "TaskStatus"
+    assert api.verbs["Host.getAllTasksStatuses"].returns == "{taskID: TaskStatus}"
+    assert api.verbs["Task.getInfo"].returns == "{id, verb}"
+
+
+def test_error_code_refused_in_params():
+    doc = {
+        "types": {"T": {"type": "dict", "properties": {"c": {"type": "errorCode"}}}},
+        "verbs": {"A.b": {"params": {"x": {"type": "T"}}}},
+    }
+    with pytest.raises(ValueError, match="results only"):
+        schema.Schema(doc)
+    doc["verbs"] = {"A.b": {"params": {}, "returns": {"type": "T"}}}
+    assert schema.Schema(doc).verbs["A.b"].result == {"type": "T"}
+
+
+def test_map_params_check_every_value():
+    api = schema.Schema({"verbs": {"A.b": {"params": {"m": {"type": "map", "items": "uuid"}}}}})
+    assert api.validate("A.b", {"m": {"x": UUID.upper()}}) == ("A.b", {"m": {"x": UUID}})
+    with pytest.raises(errors.InvalidParams, match=r"m\.y: not a UUID"):
+        api.validate("A.b", {"m": {"x": UUID, "y": "z"}})
+    with pytest.raises(errors.InvalidParams, match="expected an object"):
+        api.validate("A.b", {"m": [UUID]})
