@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from storage import errors, loop, lvm, lvm_model
+from storage import errors, loop, lvm, lvm_cmd, lvm_model
 
 log = logging.getLogger("storage.activation")
 
@@ -291,8 +291,8 @@ class LoopActivation(Activation):
         return None
 
     def _state_path(self, vg: str, lv: str) -> str:
-        lvm.check_name(vg)
-        lvm.check_name(lv)
+        lvm_cmd.check_name(vg)
+        lvm_cmd.check_name(lv)
         return os.path.join(self.state_dir, vg, lv)
 
     def _read_state(self, vg: str, lv: str) -> dict[str, Any] | None:

@@ -36,12 +36,11 @@ import logging
 import time
 from typing import Any
 
-from storage import errors, image, image_job, qemuimg, resource, sd, task, volume
+from storage import errors, image, job, qemuimg, resource, sd, task, volume
 
 log = logging.getLogger("storage.clone")
 
 KIND = "image.cloneStructure"
-RECOVERY = task.ROLLBACK
 
 MiB = 1024**2
 # Room for qcow2 metadata beyond qemu-img measure's figure (refcount blocks
@@ -96,10 +95,11 @@ def make_params(src_id: str, dst_id: str, img_id: str, chain: image.Chain) -> di
     }
 
 
-class CloneJob(image_job.ImageJob):
+class CloneJob(job.Job):
     kind = KIND
 
     def _read_params(self, params: dict[str, Any]) -> None:
+        self.img_id: str = params["img"]
         self.src_id: str = params["src_sd"]
         self.dst_id: str = params["dst_sd"]
         # Volumes this run put on storage, in creation order.
@@ -110,16 +110,14 @@ class CloneJob(image_job.ImageJob):
 
     def locks(self) -> list[resource.Request]:
         return [
-            (resource.SD_NAMESPACE, self.src_id, resource.SHARED),
-            (resource.image_namespace(self.src_id), self.img_id, resource.SHARED),
-            (resource.SD_NAMESPACE, self.dst_id, resource.SHARED),
-            (resource.image_namespace(self.dst_id), self.img_id, resource.EXCLUSIVE),
+            *job.image_locks(self.src_id, self.img_id, resource.SHARED),
+            *job.image_locks(self.dst_id, self.img_id, resource.EXCLUSIVE),
         ]
 
     def run(self, ctx: task.Context) -> None:
         src = self.domains(self.src_id)
         dst = self.domains(self.dst_id)
-        with self.resources.acquire(self.locks(), timeout=self.lock_timeout):
+        with self.lock(self.locks()):
             chain = image.image_chain(src.manifest, self.img_id)
             if [v for v, _ in chain] != self.params["vols"]:
                 raise errors.ImageIsNotLegalChain(
@@ -141,7 +139,7 @@ class CloneJob(image_job.ImageJob):
 
     def rollback(self, ctx: task.Context) -> None:
         dst = self.domains(self.dst_id)
-        with self.resources.acquire(self.locks()[2:], timeout=self.lock_timeout):
+        with self.lock(self.locks()[2:]):
             if ctx.recovering:
                 victims = self._leftovers(dst)
             else:
@@ -162,7 +160,7 @@ class CloneJob(image_job.ImageJob):
         self, ctx: task.Context, src: sd.StorageDomain, dst: sd.StorageDomain, chain: image.Chain
     ) -> list[VolumePlan]:
         leaf_id = chain[-1][0]
-        block = dst.domain_type == sd.BLOCK
+        thin = dst.grows_by_extension
         plans = []
         with self.images.prepared(src, self.img_id, leaf_id) as prep:
             paths = {entry["volumeID"]: entry["path"] for entry in prep["chain"]}
@@ -173,7 +171,7 @@ class CloneJob(image_job.ImageJob):
                 initial_size = None
                 if md.format == volume.COW:
                     cluster_size = qemuimg.info(paths[vol_id], fmt=fmt)["cluster-size"]
-                    if block and md.type == volume.SPARSE:
+                    if thin and md.type == volume.SPARSE:
                         need = _layer_need(paths[vol_id], fmt, md.capacity, cluster_size)
                         if vol_id == leaf_id:
                             need = max(need, dst.env.chunk_size)
@@ -235,9 +233,10 @@ class CloneJob(image_job.ImageJob):
 
 def _dst_type(md: volume.Metadata, src: sd.StorageDomain, dst: sd.StorageDomain) -> str:
     if md.format == volume.RAW:
-        if dst.domain_type == sd.BLOCK:
+        if not dst.supports_sparse_raw:
             return volume.PREALLOCATED
-        if src.domain_type == sd.BLOCK:
+        if not src.supports_sparse_raw:
+            # A preallocated RAW copied where RAW may be sparse: keep it sparse.
             return volume.SPARSE
     return md.type
 

@@ -34,7 +34,7 @@ import os
 import socket
 import struct
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from storage import commands, errors
 
@@ -208,7 +208,7 @@ class LocalLock:
                 reason=f"held by another process (host id {owner}): another daemon is SPM",
             ) from None
 
-    def _read_record(self, fd: int) -> dict:
+    def _read_record(self, fd: int) -> dict[str, Any]:
         data = os.pread(fd, LOCAL_RECORD_SIZE, LOCAL_RECORD_OFFSET).rstrip(b"\0")
         if not data:
             return {"owner": 0, "lver": 0}  # never initialized: all zeros

@@ -22,12 +22,10 @@ import logging
 import os
 import stat
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from storage import clusterlock, errors, qemuimg, sd, volume
-
-if TYPE_CHECKING:
-    from storage import image
+from common import uuids
+from storage import clusterlock, errors, oop, qemuimg, sd, volume
 
 log = logging.getLogger("storage.file_sd")
 
@@ -38,8 +36,6 @@ META_SUFFIX = ".meta"
 MiB = 1024**2
 # Sizes of the special files (sparse).
 SPECIAL_SIZES = {"ids": 1 * MiB, "leases": 2 * MiB, "inbox": 1 * MiB, "outbox": 1 * MiB}
-
-is_uuid = sd.is_uuid
 
 
 class FileDomainManifest(sd.DomainManifest):
@@ -87,7 +83,7 @@ class FileDomainManifest(sd.DomainManifest):
             names = self.oop.listdir(os.path.join(self.root, IMAGES))
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if is_uuid(n))
+        return sorted(n for n in names if uuids.is_canonical(n))
 
     def list_volumes(self, img_id: str) -> list[str]:
         try:
@@ -95,7 +91,7 @@ class FileDomainManifest(sd.DomainManifest):
         except FileNotFoundError:
             return []
         vols = (n[: -len(META_SUFFIX)] for n in names if n.endswith(META_SUFFIX))
-        return sorted(v for v in vols if is_uuid(v))
+        return sorted(v for v in vols if uuids.is_canonical(v))
 
     def find_volume(self, vol_id: str) -> str | None:
         sd.check_uuid(vol_id)
@@ -162,6 +158,13 @@ class FileDomain(sd.StorageDomain):
     def deactivate_volume(self, img_id: str, vol_id: str) -> None:
         pass
 
+    def extend_volume(self, img_id: str, vol_id: str, new_size: int) -> int:
+        # A file grows as it is written: nothing to extend.
+        return self.manifest.volume_size(img_id, vol_id)[0]
+
+    def refresh_volume(self, img_id: str, vol_id: str) -> int:
+        return self.manifest.volume_size(img_id, vol_id)[0]
+
     def _allocate(
         self, img_id: str, vol_id: str, md: volume.Metadata, initial_size: int | None
     ) -> None:
@@ -169,19 +172,15 @@ class FileDomain(sd.StorageDomain):
 
     def _create_data(
         self,
-        images: image.ImageManager,
+        images: sd.Images,
         img_id: str,
         vol_id: str,
         md: volume.Metadata,
         cluster_size: int | None,
     ) -> None:
         path = self.manifest.volume_path(img_id, vol_id)
-        backing = backing_fmt = None
-        if md.parent != sd.BLANK_UUID:
-            parent = self.manifest.read_volume_metadata(img_id, md.parent)
-            # A bare UUID: resolved in the image directory (or the run dir links).
-            backing = md.parent
-            backing_fmt = volume.QEMU_FORMAT[parent.format]
+        # A bare UUID: resolved in the image directory (or the run dir links).
+        backing, backing_fmt = self._backing(img_id, md)
         preallocation = None
         if md.type == volume.PREALLOCATED and backing is None:
             preallocation = "falloc"
@@ -218,24 +217,24 @@ def create(sd_id: str, path: str, name: str, env: sd.Env) -> FileDomain:
     The tree is built under a temporary name and renamed into place, so a
     failure leaves no half-made domain.
     """
-    oop = env.oop
+    ops = env.oop
     try:
-        st = oop.stat(path)
+        st = ops.stat(path)
     except FileNotFoundError as e:
         raise errors.StorageDomainIllegalRemotePath(path=path, reason="does not exist") from e
     if not os.path.isabs(path) or not stat.S_ISDIR(st.st_mode):
         raise errors.StorageDomainIllegalRemotePath(path=path, reason="not an absolute directory")
     root = os.path.join(path, sd_id)
-    if oop.exists(root):
+    if ops.exists(root):
         raise errors.StorageDomainAlreadyExists(sd_id=sd_id)
     tmp = os.path.join(path, f".{sd_id}.{uuid.uuid4().hex[:8]}.creating")
     log.info("Creating file domain sd=%s path=%s", sd_id, path)
     try:
-        oop.makedirs(os.path.join(tmp, DOM_MD))
-        oop.makedirs(os.path.join(tmp, IMAGES))
-        oop.makedirs(os.path.join(tmp, MASTER_TASKS))
+        ops.makedirs(os.path.join(tmp, DOM_MD))
+        ops.makedirs(os.path.join(tmp, IMAGES))
+        ops.makedirs(os.path.join(tmp, MASTER_TASKS))
         for special, size in SPECIAL_SIZES.items():
-            oop.truncate(os.path.join(tmp, DOM_MD, special), size)
+            ops.truncate(os.path.join(tmp, DOM_MD, special), size)
         fields = {
             sd.SDUUID: sd_id,
             sd.TYPE: "FILE",
@@ -245,20 +244,20 @@ def create(sd_id: str, path: str, name: str, env: sd.Env) -> FileDomain:
             sd.ROLE: sd.REGULAR,
             sd.POOL_UUID: "",
         }
-        oop.write_file_atomic(os.path.join(tmp, DOM_MD, "metadata"), sd.dump_metadata(fields))
+        ops.write_file_atomic(os.path.join(tmp, DOM_MD, "metadata"), sd.dump_metadata(fields))
         clusterlock.init_domain(
             sd_id, os.path.join(tmp, DOM_MD, "ids"), os.path.join(tmp, DOM_MD, "leases")
         )
-        oop.rename(tmp, root)
+        ops.rename(tmp, root)
     except OSError as e:
-        _remove_quietly(oop, tmp)
+        _remove_quietly(ops, tmp)
         if e.errno == errno.ENOTEMPTY or e.errno == errno.EEXIST:
             raise errors.StorageDomainAlreadyExists(sd_id=sd_id) from e
         raise errors.StorageDomainCreationError(sd_id=sd_id, reason=str(e)) from e
     except BaseException:
-        _remove_quietly(oop, tmp)
+        _remove_quietly(ops, tmp)
         raise
-    oop.fsync(path)
+    ops.fsync(path)
     return open_domain(sd_id, {"path": path}, env)
 
 
@@ -266,9 +265,9 @@ def open_domain(sd_id: str, args: dict[str, Any], env: sd.Env) -> FileDomain:
     return FileDomain(FileDomainManifest(sd_id, args["path"], env))
 
 
-def _remove_quietly(oop: Any, path: str) -> None:
+def _remove_quietly(ops: oop.FileOps, path: str) -> None:
     try:
-        oop.rmtree(path)
+        ops.rmtree(path)
     except FileNotFoundError:
         pass
     except Exception:

@@ -95,7 +95,11 @@ def _walk(sd_id: str, img_id: str, mds: dict[str, volume.Metadata], vol_id: str)
 
 
 class ImageManager:
-    """Reference-counted prepare/teardown of volume chains on this host."""
+    """Reference-counted prepare/teardown of volume chains on this host.
+
+    It is what volume creation and deletion are given as
+    :class:`storage.sd.Images` (the domain layer does not import this one).
+    """
 
     def __init__(self, run_dir: str) -> None:
         self.root = os.path.join(run_dir, "storage")

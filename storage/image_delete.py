@@ -19,12 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from storage import errors, image, image_job, resource, sd, task, volume
+from storage import errors, image, job, resource, sd, task, volume
 
 log = logging.getLogger("storage.image_delete")
 
 KIND = "image.delete"
-RECOVERY = task.RERUN
 
 
 def validate(dom: sd.StorageDomain, img_id: str, images: image.ImageManager) -> list[str]:
@@ -63,24 +62,22 @@ def removal_order(mds: dict[str, volume.Metadata | None]) -> list[str]:
     return unknown + sorted(known, key=lambda v: (-depth_of(v), v))
 
 
-class DeleteJob(image_job.ImageJob):
+class DeleteJob(job.Job):
     kind = KIND
 
     def _read_params(self, params: dict[str, Any]) -> None:
+        self.img_id: str = params["img"]
         self.sd_id: str = params["sd"]
 
     def __repr__(self) -> str:
         return f"<DeleteJob sd={self.sd_id} img={self.img_id}>"
 
     def locks(self) -> list[resource.Request]:
-        return [
-            (resource.SD_NAMESPACE, self.sd_id, resource.SHARED),
-            (resource.image_namespace(self.sd_id), self.img_id, resource.EXCLUSIVE),
-        ]
+        return job.image_locks(self.sd_id, self.img_id, resource.EXCLUSIVE)
 
     def run(self, ctx: task.Context) -> None:
         dom = self.domains(self.sd_id)
-        with self.resources.acquire(self.locks(), timeout=self.lock_timeout):
+        with self.lock(self.locks()):
             vols = dom.manifest.list_volumes(self.img_id)
             if not vols:
                 log.info("Image already removed sd=%s img=%s", self.sd_id, self.img_id)

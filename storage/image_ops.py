@@ -4,8 +4,7 @@ The SPM verbs of live storage migration that work on whole images.  Each
 verb refuses what is invalid on its face with a coded error before any
 task exists (not SPM, unknown pool, domain or image, source == destination,
 an image already on the destination, a destination that does not match,
-an image in use), then submits a persisted job to the pool's task manager
-and answers the task id:
+an image in use), then submits a persisted job and answers the task id:
 
 =========================  ========================  ===========================
 verb                       job (module)              after a restart
@@ -18,43 +17,53 @@ verb                       job (module)              after a restart
                            (:mod:`storage.image_delete`)
 =========================  ========================  ===========================
 
-Built on :class:`storage.api.StorageAPI` (pool, domains, prepared images,
-resource locks, task submission); the daemon registers both providers.
+(the kinds are declared in :mod:`storage.jobs`).  :class:`ImageOps` asks
+storage only what :class:`Storage` lists; the storage API provider
+(:class:`storage.api.StorageAPI`) is such a storage, and the daemon
+registers both providers.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from storage import clone, errors, image_delete, sync, task
-
-if TYPE_CHECKING:
-    from storage import api
+from storage import clone, errors, image, image_delete, sd, sync, task
 
 log = logging.getLogger("storage.image_ops")
 
-MiB = 1024**2
+
+class Storage(Protocol):
+    """What the image verbs ask of storage."""
+
+    @property
+    def images(self) -> image.ImageManager:
+        """The volumes prepared on this host (a prepared image is in use)."""
+        ...
+
+    def spm_domain(self, pool_id: str, sd_id: str) -> sd.StorageDomain:
+        """A domain of the pool; SpmStatusError unless this host is its SPM."""
+        ...
+
+    def submit_job(self, pool_id: str, kind: str, params: dict[str, Any]) -> str:
+        """Run a job of kind (storage.jobs) as an SPM task; its id."""
+        ...
+
+    def task_state(self, task_id: str) -> str | None:
+        """A task's taskState, None if this host has no such task."""
+        ...
 
 
 class ImageOps:
-    """Serves the image verbs; registers their job kinds with storage.
+    """Serves the image verbs on storage."""
 
-    copy_rate_limit_mb: ``[irs] copy_rate_limit_mb``, the qemu-img copy rate
-    limit of Image.syncData in MiB/s (0: unlimited).
-    """
-
-    def __init__(self, storage: api.StorageAPI, copy_rate_limit_mb: int = 0) -> None:
+    def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.rate_limit_bps = copy_rate_limit_mb * MiB if copy_rate_limit_mb > 0 else None
         # Unfinished clone tasks by (destination domain, image): a second
         # clone of the image to that domain is refused at once.
         self._clones: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
-        storage.register_job_kind(clone.KIND, self._clone_job, clone.RECOVERY)
-        storage.register_job_kind(sync.KIND, self._sync_job, sync.RECOVERY)
-        storage.register_job_kind(image_delete.KIND, self._delete_job, image_delete.RECOVERY)
 
     # Verbs.
 
@@ -65,16 +74,14 @@ class ImageOps:
         src, dst = self._domains(storagepool_id, storagedomain_id, dst_sd_uuid, image_id)
         with self._lock:
             chain = clone.validate(src, dst, image_id)
-            running = self._running_clone(dst_sd_uuid, image_id, storagepool_id)
+            running = self._running_clone(dst_sd_uuid, image_id)
             if running:
                 raise errors.VolumeAlreadyExists(
                     vol_id=chain[0][0], sd_id=dst_sd_uuid, img_id=image_id,
                     reason=f"task {running} is cloning the image there",
                 )
             params = clone.make_params(storagedomain_id, dst_sd_uuid, image_id, chain)
-            task_id = self.storage.submit(
-                storagepool_id, "Image.cloneStructure", self._clone_job(params)
-            )
+            task_id = self.storage.submit_job(storagepool_id, clone.KIND, params)
             self._clones[(dst_sd_uuid, image_id)] = task_id
         log.info(
             "Cloning image img=%s src=%s dst=%s task=%s",
@@ -94,7 +101,7 @@ class ImageOps:
         src, dst = self._domains(storagepool_id, storagedomain_id, dst_sd_uuid, image_id)
         sync.validate(src, dst, image_id, sync_type, self.storage.images)
         params = sync.make_params(storagedomain_id, dst_sd_uuid, image_id, sync_type)
-        task_id = self.storage.submit(storagepool_id, "Image.syncData", self._sync_job(params))
+        task_id = self.storage.submit_job(storagepool_id, sync.KIND, params)
         log.info(
             "Syncing image img=%s src=%s dst=%s type=%s task=%s",
             image_id, storagedomain_id, dst_sd_uuid, sync_type, task_id,
@@ -103,61 +110,29 @@ class ImageOps:
 
     def image_delete(self, image_id: str, storagepool_id: str, storagedomain_id: str) -> str:
         """SPM task: remove every volume of the image (refused while prepared)."""
-        dom = self.storage.spm_pool(storagepool_id).get_domain(storagedomain_id)
+        dom = self.storage.spm_domain(storagepool_id, storagedomain_id)
         image_delete.validate(dom, image_id, self.storage.images)
         params = image_delete.make_params(storagedomain_id, image_id)
-        task_id = self.storage.submit(storagepool_id, "Image.delete", self._delete_job(params))
+        task_id = self.storage.submit_job(storagepool_id, image_delete.KIND, params)
         log.info("Deleting image img=%s sd=%s task=%s", image_id, storagedomain_id, task_id)
         return task_id
 
-    # Job factories (also used by recovery, with persisted params).
-
-    def _clone_job(self, params: dict[str, Any]) -> clone.CloneJob:
-        return clone.CloneJob(
-            self.storage.cache.get,
-            self.storage.images,
-            self.storage.resources,
-            params,
-            lock_timeout=self.storage.resource_timeout,
-        )
-
-    def _sync_job(self, params: dict[str, Any]) -> sync.SyncJob:
-        return sync.SyncJob(
-            self.storage.cache.get,
-            self.storage.images,
-            self.storage.resources,
-            params,
-            rate_limit_bps=self.rate_limit_bps,
-            lock_timeout=self.storage.resource_timeout,
-        )
-
-    def _delete_job(self, params: dict[str, Any]) -> image_delete.DeleteJob:
-        return image_delete.DeleteJob(
-            self.storage.cache.get,
-            self.storage.images,
-            self.storage.resources,
-            params,
-            lock_timeout=self.storage.resource_timeout,
-        )
-
     # Internals.
 
-    def _domains(self, pool_id: str, src_id: str, dst_id: str, img_id: str) -> tuple[Any, Any]:
-        p = self.storage.spm_pool(pool_id)
-        src = p.get_domain(src_id)
+    def _domains(
+        self, pool_id: str, src_id: str, dst_id: str, img_id: str
+    ) -> tuple[sd.StorageDomain, sd.StorageDomain]:
+        src = self.storage.spm_domain(pool_id, src_id)
         if dst_id == src_id:
             raise errors.SameSourceAndDestination(sd_id=src_id, img_id=img_id)
-        return src, p.get_domain(dst_id)
+        return src, self.storage.spm_domain(pool_id, dst_id)
 
-    def _running_clone(self, dst_id: str, img_id: str, pool_id: str) -> str | None:
+    def _running_clone(self, dst_id: str, img_id: str) -> str | None:
+        """The unfinished clone task of img_id to dst_id submitted here, if any."""
         task_id = self._clones.get((dst_id, img_id))
         if task_id is None:
             return None
-        try:
-            state = self.storage.spm_pool(pool_id).tasks.get_status(task_id)["taskState"]
-        except (errors.UnknownTask, AttributeError):
-            state = task.FINISHED
-        if state == task.FINISHED:
+        if self.storage.task_state(task_id) in (None, task.FINISHED):
             del self._clones[(dst_id, img_id)]
             return None
         return task_id

@@ -4,7 +4,7 @@ PVs, VGs, LVs with their PV segments, LV layouts and free extent ranges, and
 :class:`VGState`, one reading of a whole VG (see :meth:`storage.lvm.LVM.vg_state`).
 Parsing and allocation here are pure: nothing runs lvm2.  Whether a reading
 is still current is asked of the counter of VG changes kept by
-:mod:`storage.lvm`, passed in when the reading is made.
+:mod:`storage.lvm_cmd`, passed in when the reading is made.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class VGState:
     lvs: dict[str, LV]  # by name; hidden LVs (``[name]``) left out
     free: tuple[PERange, ...]  # in PV then PE order
     generation: int
-    # VG name -> its generation now (storage.lvm.generation).
+    # VG name -> its generation now (storage.lvm_cmd.generation).
     generation_of: Callable[[str], int] = dataclasses.field(compare=False, repr=False)
 
     def current(self) -> bool:

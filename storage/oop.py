@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from storage import errors
@@ -129,7 +130,7 @@ class FileOps:
         _check_aligned(offset, len(data))
         self._call("write_direct", path, (offset, bytes(data)), timeout)
 
-    def _call(self, op: str, path: str, args: tuple, timeout: float | None) -> Any:
+    def _call(self, op: str, path: str, args: tuple[Any, ...], timeout: float | None) -> Any:
         raise NotImplementedError
 
 
@@ -143,7 +144,7 @@ class InProcess(FileOps):
     def close(self) -> None:
         pass
 
-    def _call(self, op: str, path: str, args: tuple, timeout: float | None) -> Any:
+    def _call(self, op: str, path: str, args: tuple[Any, ...], timeout: float | None) -> Any:
         return _unpack_reply(op, path, _run_op((op, path) + args))
 
 
@@ -198,7 +199,7 @@ class Pool(FileOps):
 
     # Internals.
 
-    def _call(self, op: str, path: str, args: tuple, timeout: float | None) -> Any:
+    def _call(self, op: str, path: str, args: tuple[Any, ...], timeout: float | None) -> Any:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         helper = self._borrow(op, path, timeout, deadline)
@@ -224,19 +225,19 @@ class Pool(FileOps):
                 if self._closed:
                     raise errors.OopError(op=op, path=path, reason="pool is closed")
                 if self._idle:
-                    helper = self._idle.pop()
+                    idle: _Helper | None = self._idle.pop()
                     break
                 if self._count < self.max_workers:
                     self._count += 1
-                    helper = None
+                    idle = None
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise errors.OopTimeout(op=op, path=path, timeout=timeout)
                 self._cond.wait(remaining)
-            if helper is not None:
-                self._busy.add(helper)
-                return helper
+            if idle is not None:
+                self._busy.add(idle)
+                return idle
         # Start a new helper outside the lock: it takes a while.
         try:
             helper = _Helper(self.name)
@@ -304,8 +305,9 @@ class _Helper:
         self.pid = self.proc.pid
         log.debug("Started helper pool=%s pid=%d", pool_name, self.pid)
 
-    def call(self, request: tuple, deadline: float) -> Any:
+    def call(self, request: tuple[Any, ...], deadline: float) -> Any:
         payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # PIPE
         try:
             # An idle helper is blocked reading its stdin, so this write
             # finishes even for large requests.
@@ -318,6 +320,7 @@ class _Helper:
         return pickle.loads(self._read(length, deadline))
 
     def _read(self, size: int, deadline: float) -> bytes:
+        assert self.proc.stdout is not None  # PIPE
         fd = self.proc.stdout.fileno()
         chunks = []
         while size:
@@ -340,6 +343,8 @@ class _Helper:
         except OSError:
             pass
         for f in (self.proc.stdin, self.proc.stdout):
+            if f is None:
+                continue
             try:
                 f.close()
             except OSError:
@@ -436,7 +441,7 @@ def _op_write_direct(path: str, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
-_OPS = {
+_OPS: dict[str, Callable[..., Any]] = {
     "read_file": _op_read_file,
     "read_lines": _op_read_lines,
     "write_file_atomic": _op_write_file_atomic,
@@ -456,7 +461,7 @@ _OPS = {
 }
 
 
-def _run_op(request: tuple) -> tuple:
+def _run_op(request: tuple[Any, ...]) -> tuple[Any, ...]:
     op, *args = request
     try:
         return ("ok", _OPS[op](*args))

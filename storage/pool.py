@@ -10,7 +10,7 @@ daemon) can find it again:
   ``MASTER_VERSION``, ``POOL_SPM_ID`` and ``POOL_SPM_LVER``;
 - SPM tasks are persisted in the master domain: ``master/tasks/`` on a file
   domain, the ``master`` LV on a block domain (see
-  :class:`storage.block_sd.MasterStore`).
+  :class:`storage.master_store.MasterStore`).
 
 What this *host* must remember to connect again after a restart (pool,
 host id, master) is kept in ``<state_dir>/pool.json``.
@@ -19,7 +19,9 @@ The SPM role: :meth:`Pool.spm_start` takes the cluster lock (the SPM lease
 on the master domain: sanlock, or the local fcntl lock on hosts without
 the sanlock daemon), records the owner in the master metadata and starts a
 task manager that first recovers the tasks a previous SPM left.  Verbs that
-change volumes call :meth:`Pool.assert_spm`.
+change volumes call :meth:`Pool.assert_spm`.  The task manager knows the job
+kinds the pool was made with (``job_kinds``: storage.jobs' table, bound to
+the provider's services), fixed for the pool's life.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
-from storage import clusterlock, errors, sd, task
+from storage import clusterlock, errors, sd, sd_registry, task, task_manager
 
 log = logging.getLogger("storage.pool")
 
@@ -40,8 +42,6 @@ FREE = "Free"
 CONTEND = "Contend"
 ACTIVE = "Active"
 STATE_FILE = "pool.json"
-
-JobKinds = dict[str, tuple[Callable[[dict[str, Any]], Any], str]]
 
 
 def parse_domains(text: str) -> dict[str, str]:
@@ -58,7 +58,7 @@ def format_domains(domains: dict[str, str]) -> str:
 
 
 def create(
-    cache: sd.DomainCache, pool_id: str, name: str, master_id: str, domain_list: list[str]
+    cache: sd_registry.DomainCache, pool_id: str, name: str, master_id: str, domain_list: list[str]
 ) -> None:
     """Write a new pool into its domains' metadata (no connection)."""
     if master_id not in domain_list:
@@ -124,7 +124,7 @@ class HostState:
             return None
 
     def save(self, pool_id: str, host_id: int, master_id: str) -> None:
-        sd.write_json_atomic(
+        sd_registry.write_json_atomic(
             self.path, {"pool_id": pool_id, "host_id": host_id, "master_id": master_id}
         )
 
@@ -140,13 +140,13 @@ class Pool:
 
     def __init__(
         self,
-        cache: sd.DomainCache,
+        cache: sd_registry.DomainCache,
         pool_id: str,
         host_id: int,
         master_id: str,
         cluster_lock_mode: str = "auto",
         task_workers: int = task.DEFAULT_WORKERS,
-        job_kinds: JobKinds | None = None,
+        job_kinds: Mapping[str, task.JobKind] | None = None,
     ) -> None:
         self.cache = cache
         self.pool_id = pool_id
@@ -154,8 +154,8 @@ class Pool:
         self.master_id = master_id
         self.cluster_lock_mode = cluster_lock_mode
         self.task_workers = task_workers
-        self.job_kinds = job_kinds if job_kinds is not None else {}
-        self.tasks: task.TaskManager | None = None
+        self.job_kinds: Mapping[str, task.JobKind] = job_kinds or {}
+        self.tasks: task_manager.TaskManager | None = None
         self._lock = threading.RLock()
         self._cluster_lock: clusterlock.ClusterLock | None = None
         self._spm_lver = -1
@@ -312,8 +312,14 @@ class Pool:
         return self.tasks is not None
 
     def assert_spm(self) -> None:
-        if not self.is_spm():
+        self.spm_tasks()
+
+    def spm_tasks(self) -> task_manager.TaskManager:
+        """The SPM's task manager; SpmStatusError when this host is not SPM."""
+        tasks = self.tasks
+        if tasks is None:
             raise errors.SpmStatusError(pool_id=self.pool_id)
+        return tasks
 
     def spm_start(self) -> None:
         with self._lock:
@@ -329,8 +335,6 @@ class Pool:
                     {sd.POOL_SPM_ID: str(self.host_id), sd.POOL_SPM_LVER: str(lver)}
                 )
                 manager = self._task_manager(master)
-                for kind, (factory, recovery) in self.job_kinds.items():
-                    manager.register_job_kind(kind, factory, recovery)
                 self.tasks = manager
                 recovered = manager.recover()
             except BaseException:
@@ -390,6 +394,8 @@ class Pool:
             if unfinished:
                 raise errors.SpmStopError(pool_id=self.pool_id, tasks=unfinished)
 
-    def _task_manager(self, master: sd.StorageDomain) -> task.TaskManager:
+    def _task_manager(self, master: sd.StorageDomain) -> task_manager.TaskManager:
         store_dir, files = master.task_store()
-        return task.TaskManager(workers=self.task_workers, store_dir=store_dir, files=files)
+        return task_manager.TaskManager(
+            workers=self.task_workers, store_dir=store_dir, files=files, kinds=self.job_kinds
+        )

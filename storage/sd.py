@@ -8,46 +8,45 @@ A domain has two faces, as in VDSM:
   listing of images and volumes, and each volume's metadata.
 - the *domain* (:class:`StorageDomain`): operations that change storage.
   Creating and removing volumes (data and metadata, in a crash-safe order),
-  activating them, formatting the domain.
+  activating, extending and refreshing them, formatting the domain.
 
-File and block domains implement both (``storage/file_sd.py``,
-``storage/block_sd.py``).  :class:`Registry` remembers, on this host, where
-each known domain lives (a directory or a list of devices), so a restarted
-daemon finds its domains again; :class:`DomainCache` turns a domain UUID into
-a domain object.
+File and block domains implement both (``storage/file_sd.py``;
+``storage/block_manifest.py`` and ``storage/block_sd.py``); what differs
+between them once a domain is open is a method or an attribute of the domain
+object, never a test of its type.  How each type is created and opened is
+:mod:`storage.domain_types`; where this host finds its domains is
+:mod:`storage.sd_registry`.
+
+This module is the bottom of the domain layer: it imports neither images nor
+a domain type.  What volume creation needs of the host's prepared images is
+the :class:`Images` interface (:class:`storage.image.ImageManager` is one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from rpc import errors as rpc_errors
+from common import uuids
 from storage import errors, oop, volume
-
-if TYPE_CHECKING:
-    from storage import image
 
 log = logging.getLogger("storage.sd")
 
+# Domain types (storage.domain_types has one entry for each).
 FILE = "file"
 BLOCK = "block"
-DOMAIN_TYPES = (FILE, BLOCK)
 
 MASTER = "Master"
 REGULAR = "Regular"
 
 VERSION = 5
 DATA_CLASS = "Data"
-BLANK_UUID = volume.BLANK_UUID
+BLANK_UUID = uuids.BLANK_UUID
 
 # Keys of the domain metadata.
 SDUUID = "SDUUID"
@@ -65,24 +64,16 @@ POOL_SPM_ID = "POOL_SPM_ID"
 POOL_SPM_LVER = "POOL_SPM_LVER"
 POOL_KEYS = (POOL_DESCRIPTION, POOL_DOMAINS, MASTER_VERSION, POOL_SPM_ID, POOL_SPM_LVER)
 
-# Special files (file domain, under dom_md/) or LVs (block domain).
-SPECIAL_VOLUMES = ("metadata", "ids", "leases", "inbox", "outbox")
-
-
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def is_uuid(value: object) -> bool:
-    """A canonical lowercase UUID (what the schema passes on)."""
-    return isinstance(value, str) and bool(_UUID_RE.match(value))
-
 
 def check_uuid(*values: str) -> None:
-    """Refuse anything but UUIDs where they become paths or LV names
-    (the schema validates requests; this guards every other caller)."""
+    """Refuse anything but canonical UUIDs where they become paths or LV
+    names (the schema validates requests; this guards every other caller)."""
     for value in values:
-        if not is_uuid(value):
-            raise rpc_errors.InvalidParams(reason=f"not a UUID: {value!r}")
+        if not uuids.is_canonical(value):
+            raise errors.InvalidUUID(value=value)
+
+
+# The domain metadata format: KEY=VALUE lines ending in EOF.
 
 
 def dump_metadata(fields: dict[str, str]) -> bytes:
@@ -108,15 +99,29 @@ def parse_metadata(data: bytes, sd_id: str) -> dict[str, str]:
 class Env:
     """What domain objects need from the host (plain values, no config)."""
 
-    oop: oop.Pool
+    oop: oop.FileOps
     run_dir: str
     activation_mode: str = "auto"
     chunk_size: int = 2560 * 1024**2
     extent_size_mb: int = 128
 
 
+class Images(Protocol):
+    """What creating and deleting volumes needs of the volumes prepared on
+    this host (:class:`storage.image.ImageManager`)."""
+
+    def is_prepared(self, sd_id: str, img_id: str, vol_id: str | None = None) -> bool: ...
+
+    def prepared(
+        self, dom: StorageDomain, img_id: str, vol_id: str, allow_illegal: bool = False
+    ) -> contextlib.AbstractContextManager[dict[str, Any]]: ...
+
+
 class DomainManifest:
-    """A domain's metadata. Subclasses store it; this class interprets it."""
+    """A domain's metadata. Subclasses store it; this class interprets it.
+
+    It is the :class:`storage.volume.MetadataStore` of the domain's volumes.
+    """
 
     domain_type = ""
 
@@ -133,7 +138,7 @@ class DomainManifest:
     def reading(self) -> Iterator[None]:
         """One operation's listings of the domain may come from one reading
         of the storage within the block (block domains: one ``pvs`` of the
-        VG, see :meth:`storage.block_sd.BlockDomainManifest.reading`)."""
+        VG, see :meth:`storage.block_manifest.BlockDomainManifest.reading`)."""
         yield
 
     # Domain metadata: implemented by subclasses.
@@ -195,9 +200,6 @@ class DomainManifest:
 
     # Shared behaviour.
 
-    def volume(self, img_id: str, vol_id: str) -> volume.VolumeManifest:
-        return volume.VolumeManifest(self, img_id, vol_id)
-
     def image_metadata(self, img_id: str) -> dict[str, volume.Metadata]:
         """Metadata of every volume of an image (empty if no such image)."""
         return {v: self.read_volume_metadata(img_id, v) for v in self.list_volumes(img_id)}
@@ -223,9 +225,26 @@ class DomainManifest:
         result.update(self.type_info())
         return result
 
+    # Last in the class: below this method, "volume" names it, not the module.
+    def volume(self, img_id: str, vol_id: str) -> volume.VolumeManifest:
+        return volume.VolumeManifest(self, img_id, vol_id)
+
 
 class StorageDomain:
-    """Operations on a domain; the sequencing of volume creation lives here."""
+    """Operations on a domain; the sequencing of volume creation lives here.
+
+    What the domain types do differently is a hook (``_allocate``,
+    ``_create_data``, ``_remove``, ``activate_volume``, ``extend_volume``...)
+    or one of the attributes below, which callers ask instead of the type.
+    """
+
+    # Thin volumes start small and grow by extension while they are written
+    # (block: an LV extended by the SPM); otherwise the storage grows by itself.
+    grows_by_extension = False
+    # RAW volumes may be SPARSE (a sparse file); else only PREALLOCATED.
+    supports_sparse_raw = True
+    # A newly made RAW volume reads as zeros (block: a new LV is not zeroed).
+    new_raw_reads_zero = True
 
     def __init__(self, manifest: DomainManifest) -> None:
         self.manifest = manifest
@@ -272,6 +291,19 @@ class StorageDomain:
     def deactivate_volume(self, img_id: str, vol_id: str) -> None:
         raise NotImplementedError
 
+    def extend_volume(self, img_id: str, vol_id: str, new_size: int) -> int:
+        """SPM: grow the volume to hold new_size bytes (at most its maximum
+        size); returns its size in bytes, read back.  Storage that grows by
+        itself (a file) answers its current size.  Callers serialize calls
+        per volume (storage.extend)."""
+        raise NotImplementedError
+
+    def refresh_volume(self, img_id: str, vol_id: str) -> int:
+        """HSM: make this host's device of the volume follow its (extended)
+        storage; returns its size in bytes.  Storage that grows by itself
+        answers its current size."""
+        raise NotImplementedError
+
     def _allocate(
         self, img_id: str, vol_id: str, md: volume.Metadata, initial_size: int | None
     ) -> None:
@@ -280,7 +312,7 @@ class StorageDomain:
 
     def _create_data(
         self,
-        images: image.ImageManager,
+        images: Images,
         img_id: str,
         vol_id: str,
         md: volume.Metadata,
@@ -291,6 +323,15 @@ class StorageDomain:
     def _remove(self, img_id: str, vol_id: str) -> None:
         """Remove a volume's data and metadata; idempotent."""
         raise NotImplementedError
+
+    def _backing(self, img_id: str, md: volume.Metadata) -> tuple[str | None, str | None]:
+        """(backing, backing format) of a new volume's qcow2 header: the bare
+        parent UUID, resolved beside the volume (the image directory or the
+        links of a prepared chain), so a copied chain stays valid."""
+        if md.parent == BLANK_UUID:
+            return None, None
+        parent = self.manifest.read_volume_metadata(img_id, md.parent)
+        return md.parent, volume.QEMU_FORMAT[parent.format]
 
     # Volume creation and removal (SPM).
 
@@ -309,58 +350,18 @@ class StorageDomain:
         metadata.  check_space: also refuse what would not fit (the allocation
         itself checks again, exactly)."""
         with self.manifest.reading():
-            return self._validate_create(
-                img_id, vol_id, capacity, fmt, prealloc, parent_id, initial_size, check_space
-            )
-
-    def _validate_create(
-        self,
-        img_id: str,
-        vol_id: str,
-        capacity: int,
-        fmt: str,
-        prealloc: str,
-        parent_id: str,
-        initial_size: int | None,
-        check_space: bool,
-    ) -> volume.Metadata | None:
-        check_uuid(img_id, vol_id, parent_id)
-        if fmt not in volume.FORMATS:
-            raise errors.IncorrectFormat(format=fmt, reason="unknown format")
-        if prealloc not in volume.TYPES:
-            raise errors.IncorrectType(type=prealloc, reason="unknown preallocation")
-        capacity = volume.check_capacity(capacity)
-        if initial_size is not None:
-            volume.check_capacity(initial_size)
-        self.check_create(fmt, prealloc, capacity, initial_size, check_space=check_space)
-        found = self.manifest.find_volume(vol_id)
-        if found is not None:
-            raise errors.VolumeAlreadyExists(vol_id=vol_id, sd_id=self.sd_id, img_id=found)
-        existing = self.manifest.image_metadata(img_id)
-        if parent_id == BLANK_UUID:
-            if existing:
-                raise errors.ImageIsNotLegalChain(
-                    img_id=img_id, sd_id=self.sd_id, reason="the image already has a base volume"
-                )
-            return None
-        parent = existing.get(parent_id)
-        if parent is None:
-            raise errors.VolumeDoesNotExist(vol_id=parent_id, sd_id=self.sd_id)
-        if fmt != volume.COW:
-            raise errors.IncorrectFormat(format=fmt, reason="a volume with a parent must be COW")
-        if any(md.parent == parent_id for md in existing.values()):
-            raise errors.ImageIsNotLegalChain(
-                img_id=img_id, sd_id=self.sd_id, reason=f"volume {parent_id} already has a child"
-            )
-        if capacity < parent.capacity:
-            raise errors.VolumeCapacityBelowParent(
-                capacity=capacity, parent_id=parent_id, parent_capacity=parent.capacity
-            )
-        return parent
+            check_uuid(img_id, vol_id, parent_id)
+            capacity = volume.check_request(fmt, prealloc, capacity, initial_size)
+            self.check_create(fmt, prealloc, capacity, initial_size, check_space=check_space)
+            found = self.manifest.find_volume(vol_id)
+            if found is not None:
+                raise errors.VolumeAlreadyExists(vol_id=vol_id, sd_id=self.sd_id, img_id=found)
+            existing = self.manifest.image_metadata(img_id)
+            return volume.check_parent(existing, self.sd_id, img_id, parent_id, fmt, capacity)
 
     def create_volume(
         self,
-        images: image.ImageManager,
+        images: Images,
         img_id: str,
         vol_id: str,
         capacity: int,
@@ -380,75 +381,46 @@ class StorageDomain:
         knows it must remove the volume if a later step fails.
         """
         with self.manifest.reading():
-            self._create_volume(
-                images, img_id, vol_id, capacity, fmt, prealloc, parent_id, description,
-                initial_size, cluster_size, legal, on_allocated,
-            )
-
-    def _create_volume(
-        self,
-        images: image.ImageManager,
-        img_id: str,
-        vol_id: str,
-        capacity: int,
-        fmt: str,
-        prealloc: str,
-        parent_id: str,
-        description: str,
-        initial_size: int | None,
-        cluster_size: int | None,
-        legal: bool,
-        on_allocated: Callable[[], None] | None,
-    ) -> None:
-        with self.manifest.lock:
-            self.validate_create(img_id, vol_id, capacity, fmt, prealloc, parent_id, initial_size,
-                                 check_space=False)
-            md = volume.Metadata(
-                domain=self.sd_id,
-                image=img_id,
-                parent=parent_id,
-                capacity=volume.check_capacity(capacity),
-                format=fmt,
-                type=prealloc,
-                voltype=volume.LEAF,
-                legality=volume.ILLEGAL,
-                ctime=int(time.time()),
-                description=volume.clean_description(description),
-            )
-            log.info(
-                "Creating volume sd=%s img=%s vol=%s parent=%s format=%s type=%s capacity=%d",
-                self.sd_id,
-                img_id,
-                vol_id,
-                parent_id,
-                fmt,
-                prealloc,
-                md.capacity,
-            )
-            self._allocate(img_id, vol_id, md, initial_size)
-            if on_allocated is not None:
-                on_allocated()
-            self.manifest.write_volume_metadata(img_id, vol_id, md)
-        self._create_data(images, img_id, vol_id, md, cluster_size)
-        with self.manifest.lock:
-            if parent_id != BLANK_UUID:
-                self.manifest.volume(img_id, parent_id).set_voltype(volume.INTERNAL)
-            if legal:
-                self.manifest.volume(img_id, vol_id).set_legality(volume.LEGAL)
+            with self.manifest.lock:
+                self.validate_create(img_id, vol_id, capacity, fmt, prealloc, parent_id,
+                                     initial_size, check_space=False)
+                md = volume.Metadata(
+                    domain=self.sd_id,
+                    image=img_id,
+                    parent=parent_id,
+                    capacity=volume.check_capacity(capacity),
+                    format=fmt,
+                    type=prealloc,
+                    voltype=volume.LEAF,
+                    legality=volume.ILLEGAL,
+                    ctime=int(time.time()),
+                    description=volume.clean_description(description),
+                )
+                log.info(
+                    "Creating volume sd=%s img=%s vol=%s parent=%s format=%s type=%s "
+                    "capacity=%d",
+                    self.sd_id, img_id, vol_id, parent_id, fmt, prealloc, md.capacity,
+                )
+                self._allocate(img_id, vol_id, md, initial_size)
+                if on_allocated is not None:
+                    on_allocated()
+                self.manifest.write_volume_metadata(img_id, vol_id, md)
+            self._create_data(images, img_id, vol_id, md, cluster_size)
+            with self.manifest.lock:
+                if parent_id != BLANK_UUID:
+                    self.manifest.volume(img_id, parent_id).set_voltype(volume.INTERNAL)
+                if legal:
+                    self.manifest.volume(img_id, vol_id).set_legality(volume.LEGAL)
         log.info("Created volume sd=%s img=%s vol=%s", self.sd_id, img_id, vol_id)
 
-    def validate_delete(self, images: image.ImageManager, img_id: str, vol_id: str) -> None:
+    def validate_delete(self, images: Images, img_id: str, vol_id: str) -> None:
         """Refuse deleting a missing, prepared or non-leaf volume."""
         check_uuid(img_id, vol_id)
-        existing = self.manifest.image_metadata(img_id)
-        if vol_id not in existing:
-            raise errors.VolumeDoesNotExist(vol_id=vol_id, sd_id=self.sd_id)
-        if any(md.parent == vol_id for md in existing.values()):
-            raise errors.VolumeImageHasChildren(vol_id=vol_id, sd_id=self.sd_id)
+        volume.check_delete(self.manifest.image_metadata(img_id), self.sd_id, vol_id)
         if images.is_prepared(self.sd_id, img_id, vol_id):
             raise errors.VolumeIsBusy(vol_id=vol_id, sd_id=self.sd_id, reason="prepared")
 
-    def delete_volume(self, images: image.ImageManager, img_id: str, vol_id: str) -> None:
+    def delete_volume(self, images: Images, img_id: str, vol_id: str) -> None:
         """Delete a leaf volume; its parent becomes the leaf again."""
         with self.manifest.lock, self.manifest.reading():
             self.validate_delete(images, img_id, vol_id)
@@ -482,103 +454,3 @@ class StorageDomain:
                     self.manifest.volume(img_id, parent_id).set_voltype(volume.LEAF)
             except errors.Error:
                 log.exception("Cannot restore parent sd=%s vol=%s to LEAF", self.sd_id, parent_id)
-
-
-class Registry:
-    """Where this host finds each domain it knows: ``<state_dir>/domains/<sd>.json``
-    holding ``{"type": "file", "path": DIR}`` or ``{"type": "block", "devices": [...]}``.
-
-    The state directory is local to the host (not shared storage), so plain
-    file operations are used.
-    """
-
-    def __init__(self, state_dir: str) -> None:
-        self.dir = os.path.join(state_dir, "domains")
-        os.makedirs(self.dir, exist_ok=True)
-        self._lock = threading.Lock()
-
-    def _path(self, sd_id: str) -> str:
-        check_uuid(sd_id)
-        return os.path.join(self.dir, f"{sd_id}.json")
-
-    def add(self, sd_id: str, domain_type: str, args: dict[str, Any]) -> None:
-        entry = {"type": domain_type, **args}
-        with self._lock:
-            write_json_atomic(self._path(sd_id), entry)
-
-    def remove(self, sd_id: str) -> None:
-        with self._lock:
-            try:
-                os.unlink(self._path(sd_id))
-            except FileNotFoundError:
-                pass
-
-    def get(self, sd_id: str) -> dict[str, Any] | None:
-        try:
-            with open(self._path(sd_id), encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-
-    def __iter__(self) -> Iterator[str]:
-        names = sorted(os.listdir(self.dir))
-        return iter(n[: -len(".json")] for n in names if n.endswith(".json"))
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-    """Write a local JSON file atomically (temp, fsync, rename, fsync dir)."""
-    tmp = f"{path}.tmp"
-    data = json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-Opener = Callable[[str, dict[str, Any], Env], StorageDomain]
-
-
-class DomainCache:
-    """Domain objects by UUID, opened from the registry on first use."""
-
-    def __init__(self, registry: Registry, env: Env, openers: dict[str, Opener]) -> None:
-        self.registry = registry
-        self.env = env
-        self.openers = openers
-        self._domains: dict[str, StorageDomain] = {}
-        self._lock = threading.Lock()
-
-    def get(self, sd_id: str) -> StorageDomain:
-        """The domain, or StorageDomainDoesNotExist."""
-        with self._lock:
-            dom = self._domains.get(sd_id)
-            if dom is not None:
-                return dom
-            entry = self.registry.get(sd_id)
-            if entry is None:
-                raise errors.StorageDomainDoesNotExist(sd_id=sd_id)
-            args = {k: v for k, v in entry.items() if k != "type"}
-            dom = self.openers[entry["type"]](sd_id, args, self.env)
-            self._domains[sd_id] = dom
-            return dom
-
-    def add(self, dom: StorageDomain, args: dict[str, Any]) -> None:
-        with self._lock:
-            self.registry.add(dom.sd_id, dom.domain_type, args)
-            self._domains[dom.sd_id] = dom
-
-    def forget(self, sd_id: str) -> None:
-        with self._lock:
-            self._domains.pop(sd_id, None)
-            self.registry.remove(sd_id)
-
-    def known(self) -> list[str]:
-        return list(self.registry)

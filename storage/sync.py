@@ -7,10 +7,11 @@ QEMU's mirror fills) or the ``LEAF`` only.
 
 Each volume is copied into the destination volume of the same UUID,
 keeping the structure: the destination layer ends up holding exactly what
-the source layer holds (see :func:`storage.qemuimg.copy_layer`), so a read
+the source layer holds (see :func:`storage.qemuimg_copy.copy_layer`), so a read
 of any layer's chain on the destination equals the same read on the source.
-The copy is ``qemu-img convert -t none -T none -W -m 16``.  A base volume
-that is known to read as zeros (any qcow2 base, a RAW base on a file
+The copy is ``qemu-img convert -t none -T none -W -m 16``, at most
+``[irs] copy_rate_limit_mb`` MiB/s (the services' ``copy_rate_limit_bps``).
+A base volume that is known to read as zeros (any qcow2 base, a RAW base on a file
 domain, while the destination volume is still ILLEGAL, i.e. written by
 nothing but a sync from this source) is copied with ``--target-is-zero``:
 zero areas are skipped, so a sparse image stays sparse and costs only its
@@ -39,12 +40,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from storage import errors, image, image_job, qemuimg, resource, sd, task, volume
+from storage import errors, image, job, qemuimg_copy, resource, sd, task, volume
 
 log = logging.getLogger("storage.sync")
 
 KIND = "image.syncData"
-RECOVERY = task.RERUN
 
 ALL = "ALL"
 INTERNAL = "INTERNAL"
@@ -111,22 +111,12 @@ def make_params(src_id: str, dst_id: str, img_id: str, sync_type: str) -> dict[s
     return {"src_sd": src_id, "dst_sd": dst_id, "img": img_id, "sync_type": sync_type}
 
 
-class SyncJob(image_job.ImageJob):
+class SyncJob(job.Job):
     kind = KIND
 
-    def __init__(
-        self,
-        domains: image_job.DomainGetter,
-        images: image.ImageManager,
-        resources: resource.Manager,
-        params: dict[str, Any],
-        rate_limit_bps: int | None = None,
-        lock_timeout: float = resource.DEFAULT_TIMEOUT,
-    ) -> None:
-        super().__init__(domains, images, resources, params, lock_timeout)
-        self.rate_limit_bps = rate_limit_bps or None
-
     def _read_params(self, params: dict[str, Any]) -> None:
+        self.rate_limit_bps = self.services.copy_rate_limit_bps or None
+        self.img_id: str = params["img"]
         self.src_id: str = params["src_sd"]
         self.dst_id: str = params["dst_sd"]
         self.sync_type: str = params["sync_type"]
@@ -141,16 +131,14 @@ class SyncJob(image_job.ImageJob):
         touch the leaf.  Clone, delete and volume creation (exclusive) wait."""
         dst_mode = resource.SHARED if self.sync_type == INTERNAL else resource.EXCLUSIVE
         return [
-            (resource.SD_NAMESPACE, self.src_id, resource.SHARED),
-            (resource.image_namespace(self.src_id), self.img_id, resource.SHARED),
-            (resource.SD_NAMESPACE, self.dst_id, resource.SHARED),
-            (resource.image_namespace(self.dst_id), self.img_id, dst_mode),
+            *job.image_locks(self.src_id, self.img_id, resource.SHARED),
+            *job.image_locks(self.dst_id, self.img_id, dst_mode),
         ]
 
     def run(self, ctx: task.Context) -> None:
         src = self.domains(self.src_id)
         dst = self.domains(self.dst_id)
-        with self.resources.acquire(self.locks(), timeout=self.lock_timeout):
+        with self.lock(self.locks()):
             src_chain, dst_chain = validate(src, dst, self.img_id, self.sync_type, self.images)
             indexes = targets(src_chain, self.sync_type)
             if not indexes:
@@ -203,7 +191,7 @@ class SyncJob(image_job.ImageJob):
     ) -> None:
         fmt = volume.QEMU_FORMAT[md.format]
         reads_zero = md.parent == sd.BLANK_UUID and dst_md.legality == volume.ILLEGAL and (
-            md.format == volume.COW or dst.domain_type == sd.FILE
+            md.format == volume.COW or dst.new_raw_reads_zero
         )
         log.info(
             "Copying volume img=%s vol=%s src=%s dst=%s fmt=%s target_is_zero=%s rate=%s",
@@ -211,7 +199,7 @@ class SyncJob(image_job.ImageJob):
         )
         start = time.monotonic()
         if reads_zero:
-            qemuimg.convert(
+            qemuimg_copy.convert(
                 src_path,
                 dst_path,
                 fmt,
@@ -222,7 +210,7 @@ class SyncJob(image_job.ImageJob):
                 abort=ctx.aborted,
             )
         else:
-            qemuimg.copy_layer(
+            qemuimg_copy.copy_layer(
                 src_path,
                 dst_path,
                 fmt,

@@ -65,7 +65,7 @@ class TaskStore:
             path = os.path.join(self.directory, name)
             try:
                 record = json.loads(self.files.read_file(path))
-                if not isinstance(record, dict) or record.get("id") + SUFFIX != name:
+                if not isinstance(record, dict) or f"{record.get('id')}{SUFFIX}" != name:
                     raise ValueError("not a task record or id does not match the file name")
             except (OSError, errors.Error, ValueError, TypeError) as e:
                 log.error("Skipping unreadable task file path=%s: %s", path, e)

@@ -19,26 +19,29 @@ A volume's metadata is a block of ``KEY=VALUE`` lines ending in ``EOF``
 
 Where it is stored is the domain's business (a ``.meta`` file on file
 domains, a slot of the ``metadata`` LV on block domains); this module only
-encodes, decodes and checks it.  :class:`VolumeManifest` reads and changes
-one volume's metadata through its domain manifest.  Creating and removing
-volumes is sequenced by :class:`storage.sd.StorageDomain` (metadata ILLEGAL,
-data, LEGAL), with the data side in ``file_sd`` and ``block_volume``.
+encodes, decodes and checks it, with the rules every volume obeys whatever
+its domain (:func:`check_request`, :func:`check_parent`, :func:`check_delete`,
+:func:`max_size`).  :class:`VolumeManifest` reads and changes one volume's
+metadata through a :class:`MetadataStore`, its domain's manifest.  Creating
+and removing volumes is sequenced by :class:`storage.sd.StorageDomain`
+(metadata ILLEGAL, data, LEGAL), with the data side in ``file_sd`` and
+``block_sd``/``block_volume``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
+from common import sizes, uuids
 from storage import errors
-
-if TYPE_CHECKING:
-    from storage import sd
 
 log = logging.getLogger("storage.volume")
 
-BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+BLANK_UUID = uuids.BLANK_UUID
 
 # FORMAT
 COW = "COW"
@@ -61,14 +64,9 @@ LEGAL = "LEGAL"
 ILLEGAL = "ILLEGAL"
 LEGALITIES = (LEGAL, ILLEGAL)
 
-SECTOR = 512
 # Same limit as the schema: 1 PiB.
 MAX_CAPACITY = 1 << 50
 MAX_DESCRIPTION = 1024
-
-# A qcow2 volume never needs more than its capacity plus 10% for metadata
-# (VDSM's rule); thin block volumes are never extended beyond this.
-COW_OVERHEAD = 1.1
 
 
 @dataclasses.dataclass
@@ -154,15 +152,12 @@ def clean_description(text: str) -> str:
     return cleaned
 
 
-def round_up(value: int, unit: int) -> int:
-    return (value + unit - 1) // unit * unit
-
-
 def max_size(capacity: int, fmt: str) -> int:
-    """Most bytes a volume of this capacity and format can ever need."""
+    """Most bytes a volume of this capacity and format can ever need (a COW
+    volume: :func:`common.sizes.cow_max_size`, the rule virt applies too)."""
     if fmt == RAW:
         return capacity
-    return round_up(int(capacity * COW_OVERHEAD), SECTOR)
+    return sizes.cow_max_size(capacity)
 
 
 def check_capacity(capacity: int) -> int:
@@ -171,13 +166,89 @@ def check_capacity(capacity: int) -> int:
         raise errors.InvalidVolumeSize(size=capacity, reason="not an integer")
     if capacity <= 0 or capacity > MAX_CAPACITY:
         raise errors.InvalidVolumeSize(size=capacity, reason=f"must be 1..{MAX_CAPACITY}")
-    return round_up(capacity, SECTOR)
+    return sizes.round_up(capacity, sizes.SECTOR)
+
+
+def check_request(fmt: str, prealloc: str, capacity: int, initial_size: int | None) -> int:
+    """Refuse an unknown format or preallocation and bad sizes; returns the
+    capacity in whole sectors."""
+    if fmt not in FORMATS:
+        raise errors.IncorrectFormat(format=fmt, reason="unknown format")
+    if prealloc not in TYPES:
+        raise errors.IncorrectType(type=prealloc, reason="unknown preallocation")
+    capacity = check_capacity(capacity)
+    if initial_size is not None:
+        check_capacity(initial_size)
+    return capacity
+
+
+def check_parent(
+    existing: dict[str, Metadata],
+    sd_id: str,
+    img_id: str,
+    parent_id: str,
+    fmt: str,
+    capacity: int,
+) -> Metadata | None:
+    """Refuse a new volume of the image whose volumes are ``existing`` that
+    would not extend its chain at the leaf; returns the parent's metadata
+    (None for a new base volume)."""
+    if parent_id == BLANK_UUID:
+        if existing:
+            raise errors.ImageIsNotLegalChain(
+                img_id=img_id, sd_id=sd_id, reason="the image already has a base volume"
+            )
+        return None
+    parent = existing.get(parent_id)
+    if parent is None:
+        raise errors.VolumeDoesNotExist(vol_id=parent_id, sd_id=sd_id)
+    if fmt != COW:
+        raise errors.IncorrectFormat(format=fmt, reason="a volume with a parent must be COW")
+    if any(md.parent == parent_id for md in existing.values()):
+        raise errors.ImageIsNotLegalChain(
+            img_id=img_id, sd_id=sd_id, reason=f"volume {parent_id} already has a child"
+        )
+    if capacity < parent.capacity:
+        raise errors.VolumeCapacityBelowParent(
+            capacity=capacity, parent_id=parent_id, parent_capacity=parent.capacity
+        )
+    return parent
+
+
+def check_delete(existing: dict[str, Metadata], sd_id: str, vol_id: str) -> None:
+    """Refuse deleting a volume missing from ``existing`` (its image's
+    volumes) or one that has children."""
+    if vol_id not in existing:
+        raise errors.VolumeDoesNotExist(vol_id=vol_id, sd_id=sd_id)
+    if any(md.parent == vol_id for md in existing.values()):
+        raise errors.VolumeImageHasChildren(vol_id=vol_id, sd_id=sd_id)
+
+
+class MetadataStore(Protocol):
+    """Where volumes' metadata is read and written: a domain's manifest
+    (:class:`storage.sd.DomainManifest`)."""
+
+    @property
+    def sd_id(self) -> str: ...
+
+    @property
+    def lock(self) -> AbstractContextManager[Any]:
+        """Serializes read-modify-write of the domain's metadata."""
+        ...
+
+    def read_volume_metadata(self, img_id: str, vol_id: str) -> Metadata: ...
+
+    def update_volume_metadata(
+        self, img_id: str, vol_id: str, change: Callable[[Metadata], Metadata]
+    ) -> Metadata: ...
+
+    def volume_size(self, img_id: str, vol_id: str) -> tuple[int, int]: ...
 
 
 class VolumeManifest:
     """One volume's metadata, read and written through its domain manifest."""
 
-    def __init__(self, manifest: sd.DomainManifest, img_id: str, vol_id: str) -> None:
+    def __init__(self, manifest: MetadataStore, img_id: str, vol_id: str) -> None:
         self.manifest = manifest
         self.sd_id = manifest.sd_id
         self.img_id = img_id

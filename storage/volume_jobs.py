@@ -1,7 +1,7 @@
 """SPM task jobs of Volume.create and Volume.delete.
 
 Jobs are persisted as ``{kind, params}`` (storage.task) so that a new SPM
-recovers them after a crash:
+recovers them after a crash (their kinds are declared in storage.jobs):
 
 ``volume.create`` (recovered by rollback)
     Creates the volume under an exclusive lock on its image.  Rollback
@@ -12,17 +12,19 @@ recovers them after a crash:
 ``volume.delete`` (recovered by re-running)
     Marks the volume ILLEGAL, removes it, makes the parent the leaf.  Running
     it again after an interruption finishes the removal.
+
+Params: ``sd_id``, ``img_id``, ``vol_id`` (and ``pool_id``, unused by the
+job); a creation also has ``capacity``, ``format``, ``prealloc``,
+``parent_id``, ``description`` and ``initial_size`` (see
+:func:`create_params`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from storage import resource, task, volume
-
-if TYPE_CHECKING:
-    from storage import api
+from storage import job, resource, task, volume
 
 log = logging.getLogger("storage.volume_jobs")
 
@@ -30,17 +32,60 @@ CREATE = "volume.create"
 DELETE = "volume.delete"
 
 
-def register(provider: api.StorageAPI) -> None:
-    provider.register_job_kind(CREATE, lambda p: CreateVolume(provider, p), task.ROLLBACK)
-    provider.register_job_kind(DELETE, lambda p: DeleteVolume(provider, p), task.RERUN)
+def create_params(
+    pool_id: str,
+    sd_id: str,
+    img_id: str,
+    vol_id: str,
+    capacity: int,
+    fmt: str,
+    prealloc: str,
+    parent_id: str = volume.BLANK_UUID,
+    description: str = "",
+    initial_size: int | None = None,
+) -> dict[str, Any]:
+    """The persisted params of a volume.create job."""
+    return {
+        "pool_id": pool_id,
+        "sd_id": sd_id,
+        "img_id": img_id,
+        "vol_id": vol_id,
+        "capacity": capacity,
+        "format": fmt,
+        "prealloc": prealloc,
+        "parent_id": parent_id,
+        "description": description,
+        "initial_size": initial_size,
+    }
 
 
-class CreateVolume:
+def delete_params(pool_id: str, sd_id: str, img_id: str, vol_id: str) -> dict[str, Any]:
+    """The persisted params of a volume.delete job."""
+    return {"pool_id": pool_id, "sd_id": sd_id, "img_id": img_id, "vol_id": vol_id}
+
+
+class VolumeJob(job.Job):
+    """A job on one volume, holding its image exclusively."""
+
+    def _read_params(self, params: dict[str, Any]) -> None:
+        self.sd_id: str = params["sd_id"]
+        self.img_id: str = params["img_id"]
+        self.vol_id: str = params["vol_id"]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} sd={self.sd_id} img={self.img_id} vol={self.vol_id}>"
+
+    def locks(self) -> list[resource.Request]:
+        return job.image_locks(self.sd_id, self.img_id, resource.EXCLUSIVE)
+
+
+class CreateVolume(VolumeJob):
     kind = CREATE
 
-    def __init__(self, provider: api.StorageAPI, params: dict[str, Any]) -> None:
-        self.provider = provider
-        self.params = params
+    def _read_params(self, params: dict[str, Any]) -> None:
+        super()._read_params(params)
+        self.parent_id: str = params.get("parent_id", volume.BLANK_UUID)
+        # True once something of the volume exists on storage (this run).
         self.created = False
 
     def _mark_created(self) -> None:
@@ -48,17 +93,17 @@ class CreateVolume:
 
     def run(self, ctx: task.Context) -> None:
         p = self.params
-        dom = self.provider.cache.get(p["sd_id"])
-        with self.provider.lock_image(p["sd_id"], p["img_id"], resource.EXCLUSIVE):
+        dom = self.domains(self.sd_id)
+        with self.lock(self.locks()):
             ctx.check_abort()
             dom.create_volume(
-                self.provider.images,
-                p["img_id"],
-                p["vol_id"],
+                self.images,
+                self.img_id,
+                self.vol_id,
                 p["capacity"],
                 p["format"],
                 p["prealloc"],
-                parent_id=p.get("parent_id", volume.BLANK_UUID),
+                parent_id=self.parent_id,
                 description=p.get("description", ""),
                 initial_size=p.get("initial_size"),
                 on_allocated=self._mark_created,
@@ -71,37 +116,31 @@ class CreateVolume:
     def rollback(self, ctx: task.Context) -> None:
         if not (self.created or ctx.recovering):
             return
-        p = self.params
-        dom = self.provider.cache.get(p["sd_id"])
-        with self.provider.lock_image(p["sd_id"], p["img_id"], resource.EXCLUSIVE):
-            found = dom.manifest.find_volume(p["vol_id"])
-            if found not in (None, "", p["img_id"]):
-                log.warning("Not removing volume vol=%s: it is in image %s", p["vol_id"], found)
+        dom = self.domains(self.sd_id)
+        with self.lock(self.locks()):
+            found = dom.manifest.find_volume(self.vol_id)
+            if found not in (None, "", self.img_id):
+                log.warning("Not removing volume vol=%s: it is in image %s", self.vol_id, found)
                 return
             log.info("Rolling back creation sd=%s img=%s vol=%s",
-                     p["sd_id"], p["img_id"], p["vol_id"])
-            dom.remove_volume(p["img_id"], p["vol_id"], p.get("parent_id", volume.BLANK_UUID))
+                     self.sd_id, self.img_id, self.vol_id)
+            dom.remove_volume(self.img_id, self.vol_id, self.parent_id)
             # A crashed daemon may have left the new volume linked.
-            self.provider.images.forget(p["sd_id"], p["img_id"], p["vol_id"])
+            self.images.forget(self.sd_id, self.img_id, self.vol_id)
 
 
-class DeleteVolume:
+class DeleteVolume(VolumeJob):
     kind = DELETE
 
-    def __init__(self, provider: api.StorageAPI, params: dict[str, Any]) -> None:
-        self.provider = provider
-        self.params = params
-
     def run(self, ctx: task.Context) -> None:
-        p = self.params
-        dom = self.provider.cache.get(p["sd_id"])
-        with self.provider.lock_image(p["sd_id"], p["img_id"], resource.EXCLUSIVE):
+        dom = self.domains(self.sd_id)
+        with self.lock(self.locks()):
             ctx.check_abort()
-            if dom.manifest.find_volume(p["vol_id"]) is None:
-                log.info("Volume already removed sd=%s vol=%s", p["sd_id"], p["vol_id"])
+            if dom.manifest.find_volume(self.vol_id) is None:
+                log.info("Volume already removed sd=%s vol=%s", self.sd_id, self.vol_id)
                 return
-            dom.delete_volume(self.provider.images, p["img_id"], p["vol_id"])
-            self.provider.images.forget(p["sd_id"], p["img_id"], p["vol_id"])
+            dom.delete_volume(self.images, self.img_id, self.vol_id)
+            self.images.forget(self.sd_id, self.img_id, self.vol_id)
         ctx.progress(100)
 
     def rollback(self, ctx: task.Context) -> None:

@@ -7,7 +7,7 @@ VG over a loop device, as the watermark monitor triggers it.  The baseline
 measured in the same run is one read-only lvm2 command (``lvs`` of the LV),
 the floor of any LVM metadata operation.
 
-Layer copy: ``qemuimg.copy_layer`` of a chain's top (a quarter allocated)
+Layer copy: ``qemuimg_copy.copy_layer`` of a chain's top (a quarter allocated)
 against the baseline ``qemu-img convert`` of the whole chain collapsed.
 
     .venv/bin/python -m contrib.bench.bench_extend [--runs N]
@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from storage import activation, commands, lvm, lvm_model, qemuimg
+from storage import activation, commands, lvm, lvm_model, qemuimg, qemuimg_copy
 
 MiB = 1024**2
 
@@ -114,7 +114,7 @@ def bench_copy(workdir: str, runs: int) -> list[tuple[str, float]]:
     for i in range(runs):
         out = os.path.join(workdir, f"collapsed{i}")
         collapsed.append(
-            timed(qemuimg.convert, top, out, qemuimg.QCOW2, qemuimg.QCOW2, create=True)
+            timed(qemuimg_copy.convert, top, out, qemuimg.QCOW2, qemuimg.QCOW2, create=True)
         )
         os.unlink(out)
         dst = os.path.join(workdir, f"dst{i}")
@@ -123,7 +123,7 @@ def bench_copy(workdir: str, runs: int) -> list[tuple[str, float]]:
         qemuimg.create(
             os.path.join(dst, "top"), qemuimg.QCOW2, backing="base", backing_fmt=qemuimg.QCOW2
         )
-        layer.append(timed(qemuimg.copy_layer, top, os.path.join(dst, "top"), qemuimg.QCOW2))
+        layer.append(timed(qemuimg_copy.copy_layer, top, os.path.join(dst, "top"), qemuimg.QCOW2))
         shutil.rmtree(dst)
     return [
         ("convert whole chain (baseline)", statistics.median(collapsed)),

@@ -49,6 +49,7 @@ from typing import Any
 from contrib.bench.bench_extend import timed
 from storage import api as storage_api
 from storage import (
+    block_manifest,
     block_sd,
     block_volume,
     commands,
@@ -243,7 +244,7 @@ def bench_create(env: Env, counter: CommandCounter, runs: int) -> list[Row]:
     lvm_ = env.api_lvm()
     vg = env.block_sd
     extent = EXTENT_MB * MiB
-    chunk_extents = block_volume.extents(CHUNK_MB * MiB, extent)
+    chunk_extents = block_manifest.extents(CHUNK_MB * MiB, extent)
     pe_start = env.pe_start()
     tasks: list[str] = []
 

@@ -2,7 +2,7 @@
 file and two block (LVM on loop devices, loop activation) domains, and
 chains of volumes with data written by ``qemu-io``.
 
-Used by test_clone.py, test_sync.py and test_image_delete.py.  Everything
+Used by test_clone.py, test_sync.py, test_image_delete.py and test_image_ops.py.  Everything
 is made with the real StorageAPI and removed at the end (the pool is
 destroyed, the domains formatted), also when a test fails; the loop
 devices and files are the shared fixtures' (tests/storage/conftest.py).
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from storage import api, commands, image_ops, qemuimg, sd, volume
+from storage import api, commands, image_ops, job, jobs, qemuimg, sd, volume
 from tests.storage import conftest
 
 log = logging.getLogger("tests.storage.image_env")
@@ -107,8 +107,15 @@ class Env:
         self.workdir = workdir
 
     def ops(self, copy_rate_limit_mb: int = 0) -> image_ops.ImageOps:
-        """A provider (re-registers the job kinds with this rate limit)."""
-        return image_ops.ImageOps(self.storage, copy_rate_limit_mb=copy_rate_limit_mb)
+        """The image verbs; with a rate limit, the syncs they submit copy at
+        that rate (as a daemon with [irs] copy_rate_limit_mb does)."""
+        if not copy_rate_limit_mb:
+            return image_ops.ImageOps(self.storage)
+        return image_ops.ImageOps(RateLimited(self.storage, copy_rate_limit_mb * MiB))
+
+    def job(self, kind: str, params: dict[str, Any]) -> job.Job:
+        """A job of kind as the provider builds it (storage.jobs)."""
+        return jobs.build(kind, self.storage.job_services, params)
 
     def dom(self, sd_id: str) -> sd.StorageDomain:
         return self.storage.cache.get(sd_id)
@@ -176,6 +183,28 @@ class Env:
         return self.run(
             ops.image_sync_data(chain.img_id, self.pool_id, chain.sd_id, dst, sync_type)
         )
+
+
+class RateLimited:
+    """The storage of an ImageOps whose jobs copy at rate_limit_bps, for a
+    slow sync on the module's shared provider (storage.image_ops.Storage)."""
+
+    def __init__(self, storage: api.StorageAPI, rate_limit_bps: int) -> None:
+        self.storage = storage
+        self.images = storage.images
+        self.services = dataclasses.replace(
+            storage.job_services, copy_rate_limit_bps=rate_limit_bps
+        )
+
+    def spm_domain(self, pool_id: str, sd_id: str) -> sd.StorageDomain:
+        return self.storage.spm_domain(pool_id, sd_id)
+
+    def task_state(self, task_id: str) -> str | None:
+        return self.storage.task_state(task_id)
+
+    def submit_job(self, pool_id: str, kind: str, params: dict[str, Any]) -> str:
+        tasks = self.storage.spm_pool(pool_id).spm_tasks()
+        return tasks.submit(jobs.get(kind).verb, jobs.build(kind, self.services, params))
 
 
 @contextlib.contextmanager
@@ -269,7 +298,7 @@ def _teardown(storage: api.StorageAPI, pool_id: str, domains: dict[str, str]) ->
     except Exception:
         log.exception("Cannot destroy pool %s", pool_id)
         with contextlib.suppress(Exception):
-            storage.storage_pool_disconnect(pool_id)
+            storage.storage_pool_disconnect(pool_id, 1, domains["f1"])
     for sd_id in domains.values():
         try:
             storage.storage_domain_format(sd_id)

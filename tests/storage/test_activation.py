@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from storage import activation, commands, errors, loop, lvm_model, qemuimg
+from storage import activation, commands, errors, loop, lvm_model, qemuimg, qemuimg_copy
 from tests.storage import conftest
 
 pytestmark = [pytest.mark.root, conftest.requires_root]
@@ -294,8 +294,8 @@ def test_copy_a_chain_into_activated_lvs(
         backing_fmt=qemuimg.RAW,
     )
 
-    qemuimg.copy_layer(os.path.join(src, "base"), os.path.join(links, "base"), qemuimg.RAW)
-    qemuimg.copy_layer(os.path.join(src, "top"), os.path.join(links, "top"), qemuimg.QCOW2)
+    qemuimg_copy.copy_layer(os.path.join(src, "base"), os.path.join(links, "base"), qemuimg.RAW)
+    qemuimg_copy.copy_layer(os.path.join(src, "top"), os.path.join(links, "top"), qemuimg.QCOW2)
 
     assert qemuimg.compare(
         os.path.join(src, "top"), os.path.join(links, "top"), qemuimg.QCOW2, qemuimg.QCOW2

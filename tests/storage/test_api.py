@@ -10,11 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
-from rpc import errors as rpc_errors
-from storage import block_sd, errors, qemuimg
+from storage import block_sd, errors, jobs, qemuimg, sync, task
 from tests.storage.conftest import requires_root
 from tests.storage.domain_helpers import (
     API_OPTIONS,
@@ -24,6 +24,7 @@ from tests.storage.domain_helpers import (
     new_id,
     run_task,
 )
+from vdsm_lsm import app
 
 pytest_plugins = ["tests.storage.domain_fixtures"]
 
@@ -72,7 +73,7 @@ def test_task_lifecycle(api, spm):
     status = run_task(api, task_id)
     assert status == {
         "taskID": task_id, "taskState": "finished", "taskResult": "success",
-        "code": 0, "error": "", "message": "", "progress": 100,
+        "code": "", "message": "", "progress": 100,
     }
     assert api.task_get_status(task_id) == status
     assert api.host_get_all_tasks_statuses() == {task_id: status}
@@ -117,7 +118,7 @@ def test_stop_running_create_rolls_back(api, spm, gate):
     release.set()
     status = run_task(api, task_id)
     assert status["taskResult"] == "cleanFailure"
-    assert status["error"] == "TaskAborted"
+    assert status["code"] == "TaskAborted"
     assert domain_state(api, sd_id) == before
     assert api.volume_get_info(pool_id, sd_id, img, base)["voltype"] == "LEAF"
 
@@ -172,6 +173,33 @@ def test_verbs_named_for_the_schema(api):
         assert params <= accepted, (verb, params - accepted)
 
 
+def test_the_daemon_config_reaches_the_provider(storage_tmpdir):
+    section = types.SimpleNamespace
+    config = section(
+        irs=section(run_dir=os.path.join(storage_tmpdir, "run"), state_dir="",
+                    volume_utilization_chunk_mb=16, oop_timeout=30.0, task_workers=3,
+                    block_extent_size_mb=4, copy_rate_limit_mb=2),
+        lvm=section(activation="loop"),
+        sanlock=section(cluster_lock="local"),
+    )
+    provider = app.storage_provider(config)
+    try:
+        assert provider.state_dir == os.path.join(storage_tmpdir, "run", "state")
+        assert provider.chunk_size == 16 * MiB
+        assert (provider.task_workers, provider.cluster_lock_mode) == (3, "local")
+        assert provider.env.activation_mode == "loop"
+        # The one job table, bound to this provider's services: syncs copy
+        # at [irs] copy_rate_limit_mb.
+        assert provider.job_services.copy_rate_limit_bps == 2 * MiB
+        assert set(provider.job_kinds) == {kind.name for kind in jobs.KINDS}
+        assert provider.job_kinds[sync.KIND].recovery == task.RERUN
+        made = provider.job_kinds[sync.KIND].factory(
+            sync.make_params(new_id(), new_id(), new_id(), sync.ALL))
+        assert made.rate_limit_bps == 2 * MiB
+    finally:
+        provider.close()
+
+
 # A daemon killed in the middle of Volume.create.
 
 
@@ -224,7 +252,7 @@ def test_kill_during_create_then_recovery(api_factory, domain_factory, storage_t
     status = restarted.task_get_status(task_id)
     assert status["taskState"] == "finished"
     assert status["taskResult"] == "cleanFailure"
-    assert status["error"] == "TaskInterrupted"
+    assert status["code"] == "TaskInterrupted"
     assert domain_state(restarted, sd_id) == before
     with pytest.raises(errors.VolumeDoesNotExist):
         restarted.volume_get_info(pool_id, sd_id, img, vol)
@@ -259,7 +287,7 @@ def test_ids_that_are_not_uuids_never_become_paths(api, spm, storage_tmpdir, bad
         lambda: api.storage_domain_get_volumes(sd_id, pool_id, bad),
     ]
     for call in calls:
-        with pytest.raises(rpc_errors.InvalidParams):
+        with pytest.raises(errors.InvalidUUID):
             call()
     assert domain_state(api, sd_id) == before
     assert not os.path.exists(os.path.join(storage_tmpdir, "etc"))

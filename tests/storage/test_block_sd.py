@@ -1,5 +1,6 @@
 """Block domains on real lvm2 over loop devices: layout, metadata slots,
-info, stats, format; bad input leaves LVM untouched; the master LV store."""
+info, stats, format; bad input leaves LVM untouched; one reading of the VG
+per operation (the master LV store: test_master_store.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import os
 
 import pytest
 
-from storage import block_sd, commands, errors, loop, lvm, lvm_model, sd, volume
+from storage import (
+    block_manifest,
+    commands,
+    errors,
+    loop,
+    lvm,
+    lvm_model,
+    sd,
+    volume,
+)
 from tests.storage.conftest import requires_root, stacked_loop_devices
 from tests.storage.domain_helpers import (
     create_volume,
@@ -39,10 +49,10 @@ def test_create_makes_vg_and_special_lvs(api, block_domain_factory):
     sd_id = block_domain_factory(api, name="blockdom", pv_count=2)
     dom = api.cache.get(sd_id)
     vg = dom.lvm.vg_info(sd_id)
-    assert block_sd.VG_TAG in vg.tags
+    assert block_manifest.VG_TAG in vg.tags
     assert vg.extent_size == 4 * MiB
     lvs = lvs_of(api, sd_id)
-    assert set(lvs) == set(block_sd.SPECIAL_LVS)
+    assert set(lvs) == set(block_manifest.SPECIAL_LVS)
     for lv in lvs.values():
         # Loop activation maps each LV as one range.
         assert len(lvm_model.merged_segments(lv.segments)) == 1
@@ -66,7 +76,7 @@ def test_domain_metadata_in_metadata_lv(api, block_domain_factory):
     dev = dom.activation.active_path(sd_id, "metadata")
     assert dev is not None
     with open(dev, "rb") as f:
-        head = f.read(block_sd.DOMAIN_MD_SIZE)
+        head = f.read(block_manifest.DOMAIN_MD_SIZE)
     text = head.rstrip(b"\0").decode()
     lines = text.splitlines()
     assert lines[-1] == "EOF"
@@ -94,8 +104,8 @@ def test_volume_lv_tags_and_slot(api, block_domain_factory):
     dom = api.cache.get(sd_id)
     dev = dom.activation.active_path(sd_id, "metadata")
     with open(dev, "rb") as f:
-        f.seek(block_sd.SLOT_BASE + block_sd.SLOT_SIZE)
-        slot = f.read(block_sd.SLOT_SIZE)
+        f.seek(block_manifest.SLOT_BASE + block_manifest.SLOT_SIZE)
+        slot = f.read(block_manifest.SLOT_SIZE)
     md = volume.Metadata.parse(slot, top)
     assert md.parent == base
     assert md.capacity == 40 * MiB
@@ -187,63 +197,6 @@ def test_domain_found_after_restart(api_factory, block_domain_factory):
     first.close()
     second = api_factory()
     assert second.storage_domain_get_info(sd_id)["name"] == "persistent"
-
-
-class TestMasterStore:
-    @pytest.fixture
-    def store(self, api, block_domain_factory):
-        sd_id = block_domain_factory(api)
-        dom = api.cache.get(sd_id)
-        _, store = dom.task_store()
-        return store
-
-    def test_write_read_replace_unlink(self, store):
-        assert store.listdir("tasks") == []
-        store.write_file_atomic("tasks/a.task", b"one")
-        store.write_file_atomic("tasks/b.task", b"two" * 1000)
-        store.write_file_atomic("tasks/a.task", b"three")
-        assert store.listdir("tasks") == ["a.task", "b.task"]
-        assert store.read_file("tasks/a.task") == b"three"
-        assert store.read_file("tasks/b.task") == b"two" * 1000
-        store.unlink("tasks/a.task")
-        with pytest.raises(FileNotFoundError):
-            store.read_file("tasks/a.task")
-        with pytest.raises(FileNotFoundError):
-            store.unlink("tasks/a.task")
-
-    def test_records_survive_a_new_store(self, store):
-        store.write_file_atomic("x.task", b"first")
-        store.write_file_atomic("x.task", b"second")
-        fresh = block_sd.MasterStore(store.device, store.oop)
-        assert fresh.listdir("") == ["x.task"]
-        assert fresh.read_file("x.task") == b"second"
-
-    def test_newer_copy_wins_after_crash_between_writes(self, store):
-        store.write_file_atomic("x.task", b"old")
-        slot, seq = store._index["x.task"]
-        # A crash after writing the new copy, before clearing the old one:
-        # write the new copy by hand into another slot.
-        data = b"new"
-        header = b"LSMF1 x.task %d %d %d\n" % (seq + 1, len(data), __import__("zlib").crc32(data))
-        block = header + data
-        block += b"\0" * (512 - len(block))
-        store.oop.write_direct(store.device, (slot + 5) * block_sd.STORE_SLOT, block)
-        fresh = block_sd.MasterStore(store.device, store.oop)
-        assert fresh.read_file("x.task") == b"new"
-
-    def test_torn_record_is_ignored(self, store):
-        store.write_file_atomic("x.task", b"good")
-        slot, _ = store._index["x.task"]
-        raw = bytearray(store.oop.read_direct(store.device, slot * block_sd.STORE_SLOT, 512))
-        raw[raw.index(b"good")] = ord("X")
-        store.oop.write_direct(store.device, slot * block_sd.STORE_SLOT, bytes(raw))
-        fresh = block_sd.MasterStore(store.device, store.oop)
-        assert fresh.listdir("") == []
-
-    def test_too_big_record_refused(self, store):
-        with pytest.raises(OSError):
-            store.write_file_atomic("big.task", b"x" * block_sd.STORE_SLOT)
-        assert store.listdir("") == []
 
 
 class CommandLog:

@@ -202,7 +202,7 @@ def test_failed_clone_removes_what_it_created(env: ie.Env, monkeypatch: pytest.M
                                                       chain.sd_id, dst))
 
     assert status["taskResult"] == task.CLEAN_FAILURE
-    assert status["error"] == "NoSpaceLeftOnDomain"
+    assert status["code"] == "NoSpaceLeftOnDomain"
     assert len(calls) == 3
     assert dom.manifest.list_volumes(chain.img_id) == []
     assert all(lv not in dom.manifest.volume_lvs() for lv in chain.vol_ids)
@@ -232,7 +232,7 @@ def test_stopped_clone_removes_what_it_created(env: ie.Env,
     status = env.wait(task_ids[0])
 
     assert status["taskResult"] == task.CLEAN_FAILURE
-    assert status["error"] == "TaskAborted"
+    assert status["code"] == "TaskAborted"
     assert len(calls) == 2
     assert dom.manifest.list_volumes(chain.img_id) == []
     # The image can be cloned again afterwards.
@@ -258,13 +258,13 @@ def test_recovery_rollback_removes_only_this_tasks_volumes(env: ie.Env) -> None:
 
     # Volumes older than the task (made by someone else) stay.
     old = dict(params, submitted=params["submitted"] + 3600)
-    ops._clone_job(old).rollback(Ctx())  # type: ignore[arg-type]
+    env.job(clone.KIND, old).rollback(Ctx())  # type: ignore[arg-type]
     assert sorted(dom.manifest.list_volumes(chain.img_id)) == sorted(chain.vol_ids)
 
     # The leaf's metadata was never written: removed; all ILLEGAL ones too.
     dom.manifest.write_slot(dom.manifest.slot_of(dom.manifest.volume_lvs()[chain.leaf]), b"")
     ours = dict(params, submitted=params["submitted"] - 3600)
-    ops._clone_job(ours).rollback(Ctx())  # type: ignore[arg-type]
+    env.job(clone.KIND, ours).rollback(Ctx())  # type: ignore[arg-type]
     assert dom.manifest.list_volumes(chain.img_id) == []
 
 

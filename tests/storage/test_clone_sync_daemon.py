@@ -1,13 +1,18 @@
 """Image.cloneStructure / syncData / delete through the real daemon:
 the seed's aliases, coded errors on the wire, and kill -9 in the middle of
-a clone and of a sync, then a restart and spmStart (DESIGN section 6,
-"Tasks": a clone is rolled back, a sync is run again).
+a clone, of a sync and of a volume creation, then a restart and spmStart
+(DESIGN section 6, "Tasks": a clone or a creation is rolled back, a sync is
+run again).  The creation is held at a known point by a qemu-img wrapper on
+the daemon's PATH (:class:`HeldCreate`), so its kill never races.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import os
+import pathlib
+import shlex
+import shutil
 import signal
 import threading
 from typing import Any
@@ -197,7 +202,7 @@ def site_factory(
 ) -> collections.abc.Iterator[collections.abc.Callable[..., Site]]:
     made: list[Site] = []
 
-    def make(copy_rate_limit_mb: int = 0) -> Site:
+    def make(copy_rate_limit_mb: int = 0, env: dict[str, str] | None = None) -> Site:
         config = {
             "irs": {
                 "volume_utilization_chunk_mb": 16,
@@ -208,7 +213,9 @@ def site_factory(
             "lvm": {"activation": "loop"},
             "sanlock": {"cluster_lock": "local"},
         }
-        d = daemon_factory(config)
+        d = daemon_factory(config, start=False)
+        d.extra_env.update(env or {})
+        d.start()
         s = Site(d, storage_tmpdir, loop_device_factory(2 * 1024 * MiB))
         made.append(s)
         s.setup()
@@ -370,47 +377,118 @@ def _wait_until(site: Site, task_id: str,
     raise AssertionError(f"task {task_id} never got there: {status}")
 
 
+class HeldCreate:
+    """A ``qemu-img`` first on the daemon's PATH that holds the ``create`` of
+    one volume: it writes its pid to ``reached`` and sleeps until killed.
+    Every other call runs the real qemu-img.  With it a test stops a
+    Volume.create at a known point (the LV and the ILLEGAL metadata exist,
+    the qcow2 data does not) and kills the daemon there, every time."""
+
+    SCRIPT = """#!/bin/sh
+if [ "$1" = create ] && [ -s {gate} ]; then
+    vol=$(cat {gate})
+    for arg in "$@"; do
+        case "$arg" in
+        *"$vol"*)
+            echo $$ > {reached}.tmp && mv {reached}.tmp {reached}
+            exec sleep 3600 ;;
+        esac
+    done
+fi
+exec {real} "$@"
+"""
+
+    def __init__(self, workdir: str) -> None:
+        real = shutil.which("qemu-img")
+        assert real, "qemu-img is not installed"
+        bindir = os.path.join(workdir, "bin")
+        os.makedirs(bindir)
+        self.gate = os.path.join(workdir, "hold-create")
+        self.reached = os.path.join(workdir, "create-held")
+        script = os.path.join(bindir, "qemu-img")
+        with open(script, "w") as f:
+            f.write(self.SCRIPT.format(gate=shlex.quote(self.gate),
+                                       reached=shlex.quote(self.reached),
+                                       real=shlex.quote(real)))
+        os.chmod(script, 0o755)
+        self.env = {"PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        self.pid: int | None = None
+
+    def hold(self, vol_id: str) -> None:
+        with open(self.gate, "w") as f:
+            f.write(vol_id)
+
+    def wait_held(self, site: Site, task_id: str) -> None:
+        """Until qemu-img create of the held volume runs (the task is running)."""
+        for _ in range(int(ie.WAIT / POLL)):
+            if os.path.exists(self.reached):
+                with open(self.reached) as f:
+                    self.pid = int(f.read())
+                return
+            status = site.call("Task.getStatus", taskID=task_id)
+            assert status["taskState"] in ("init", "running"), status
+            threading.Event().wait(POLL)
+        raise AssertionError(f"qemu-img create was never called for task {task_id}")
+
+    def release(self) -> None:
+        """Let everything through again and end the held process."""
+        os.unlink(self.gate)
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_kill9_during_volume_create_reports_failure_and_leaves_nothing(
-    site_factory: collections.abc.Callable[..., Site]
+    site_factory: collections.abc.Callable[..., Site], tmp_path: pathlib.Path
 ) -> None:
     """Issue 3's crash test through the real daemon: a Volume.create killed
-    mid-way is failed with a code after restart + spmStart, and no partial
-    volume remains (no LV, no metadata, no link)."""
-    site = site_factory()
+    mid-way (its LV and ILLEGAL metadata made, its data not) is failed with
+    a code after restart + spmStart, and no partial volume remains (no LV,
+    no metadata, no link)."""
+    held = HeldCreate(str(tmp_path))
+    site = site_factory(env=held.env)
     sd_id = site.domains["b1"]
-    # A chain whose leaf activates its parents: creating a child takes long
-    # enough to be caught running.
-    chain = site.make_chain(sd_id, [ie.Layer(ie.new_id(), volume.COW, []) for _ in range(4)])
+    chain = site.make_chain(sd_id, [ie.Layer(ie.new_id(), volume.COW, []) for _ in range(2)])
     parent = chain.vol_ids[-1]
-    for _attempt in range(3):
-        vol_id = ie.new_id()
-        task_id = site.call(
-            "Volume.create", storagepoolID=site.pool_id, storagedomainID=sd_id,
-            imageID=chain.img_id, volumeID=vol_id, size=CAPACITY, volFormat=volume.COW,
-            preallocate="SPARSE", desc="crash", srcImgUUID=chain.img_id, srcVolUUID=parent,
-        )
-        _wait_until(site, task_id, lambda s: s["taskState"] == "running")
-        site.daemon.kill9()
-        restart(site)
-        status = site.wait(task_id)
-        if status["taskResult"] == "success":
-            # It finished before the kill: the child exists; try a sibling.
-            site.call("Task.clear", taskID=task_id)
-            site.run(site.call("Volume.delete", storagepoolID=site.pool_id,
-                               storagedomainID=sd_id, imageID=chain.img_id, volumeID=vol_id))
-            continue
-        assert status["taskResult"] == "cleanFailure", status
-        assert status["code"] == code("TaskInterrupted")
-        assert vol_id not in site.volumes(sd_id, chain.img_id)
+    vol_id = ie.new_id()
+    held.hold(vol_id)
+    task_id = site.call(
+        "Volume.create", storagepoolID=site.pool_id, storagedomainID=sd_id,
+        imageID=chain.img_id, volumeID=vol_id, size=CAPACITY, volFormat=volume.COW,
+        preallocate="SPARSE", desc="crash", srcImgUUID=chain.img_id, srcVolUUID=parent,
+    )
+    try:
+        held.wait_held(site, task_id)
+        assert site.call("Task.getStatus", taskID=task_id)["taskState"] == "running"
+        # Half made: the LV exists and the metadata says ILLEGAL.
         lvs = lvm.LVM([site.block_device], activation=False).lvs(sd_id)
-        assert vol_id not in {lv.name for lv in lvs}
-        assert not os.path.exists(
-            os.path.join(site.run_dir, "storage", sd_id, chain.img_id, vol_id)
-        )
-        # The parent is a leaf again and usable.
+        assert vol_id in {lv.name for lv in lvs}
         info = site.call("Volume.getInfo", storagepoolID=site.pool_id, storagedomainID=sd_id,
-                         imageID=chain.img_id, volumeID=parent)
-        assert (info["voltype"], info["legality"]) == ("LEAF", "LEGAL")
-        site.call("Task.clear", taskID=task_id)
-        return
-    pytest.skip("Volume.create always finished before the kill on this machine")
+                         imageID=chain.img_id, volumeID=vol_id)
+        assert info["legality"] == "ILLEGAL"
+        site.daemon.kill9()
+    finally:
+        held.release()
+
+    restart(site)
+    status = site.wait(task_id)
+    assert status["taskResult"] == "cleanFailure", status
+    assert status["code"] == code("TaskInterrupted") and status["error"] == "TaskInterrupted"
+    assert vol_id not in site.volumes(sd_id, chain.img_id)
+    lvs = lvm.LVM([site.block_device], activation=False).lvs(sd_id)
+    assert vol_id not in {lv.name for lv in lvs}
+    assert not os.path.exists(os.path.join(site.run_dir, "storage", sd_id, chain.img_id, vol_id))
+    # The parent is a leaf again and usable.
+    info = site.call("Volume.getInfo", storagepoolID=site.pool_id, storagedomainID=sd_id,
+                     imageID=chain.img_id, volumeID=parent)
+    assert (info["voltype"], info["legality"]) == ("LEAF", "LEGAL")
+    site.call("Task.clear", taskID=task_id)
+    # The interrupted creation can be made again.
+    site.run(site.call(
+        "Volume.create", storagepoolID=site.pool_id, storagedomainID=sd_id,
+        imageID=chain.img_id, volumeID=vol_id, size=CAPACITY, volFormat=volume.COW,
+        preallocate="SPARSE", desc="again", srcImgUUID=chain.img_id, srcVolUUID=parent,
+    ))
+    assert vol_id in site.volumes(sd_id, chain.img_id)

@@ -100,7 +100,7 @@ def test_an_interrupted_delete_leaves_illegal_volumes_and_finishes_when_run_agai
     status = env.wait(ops.image_delete(chain.img_id, env.pool_id, sd_id))
 
     assert status["taskResult"] == task.CLEAN_FAILURE
-    assert status["error"] == "CannotRemoveLogicalVolume"
+    assert status["code"] == "CannotRemoveLogicalVolume"
     assert removed == [chain.leaf]  # children first
     assert env.legality(sd_id, chain.img_id) == {v: volume.ILLEGAL for v in chain.vol_ids[:-1]}
 
@@ -124,8 +124,7 @@ def test_delete_removes_what_a_crashed_creation_left(env: ie.Env) -> None:
 
 
 def test_delete_is_recovered_by_running_it_again(env: ie.Env) -> None:
-    env.ops()
-    assert env.storage.job_kinds[image_delete.KIND][1] == task.RERUN
+    assert env.storage.job_kinds[image_delete.KIND].recovery == task.RERUN
 
 
 def _md(parent: str) -> volume.Metadata:

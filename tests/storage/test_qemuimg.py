@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from storage import commands, errors, qemuimg
+from storage import commands, errors, qemuimg, qemuimg_copy
 from tests.storage import conftest
 
 MiB = conftest.MiB
@@ -180,7 +180,7 @@ def test_convert_reports_progress(workdir: str) -> None:
     qemu_io(src, "raw", "write -P 3 0 32M", "write -P 4 40M 8M")
     seen: list[float] = []
 
-    qemuimg.convert(src, dst, qemuimg.RAW, qemuimg.QCOW2, create=True, progress=seen.append)
+    qemuimg_copy.convert(src, dst, qemuimg.RAW, qemuimg.QCOW2, create=True, progress=seen.append)
 
     assert seen and seen[-1] == 100.0
     assert seen == sorted(seen)
@@ -200,7 +200,7 @@ def test_convert_into_an_existing_target(workdir: str) -> None:
     with open(dst, "wb") as f:
         f.write(os.urandom(8 * MiB))
 
-    qemuimg.convert(src, dst, qemuimg.RAW, qemuimg.RAW)
+    qemuimg_copy.convert(src, dst, qemuimg.RAW, qemuimg.RAW)
 
     assert qemuimg.compare(src, dst, qemuimg.RAW, qemuimg.RAW)
 
@@ -218,7 +218,7 @@ def test_convert_abort_kills_qemu_img(workdir: str) -> None:
 
     with pytest.raises(errors.ConvertAborted) as e:
         # Rate limited so it cannot finish before the abort is seen.
-        qemuimg.convert(
+        qemuimg_copy.convert(
             src,
             dst,
             qemuimg.RAW,
@@ -239,7 +239,7 @@ def test_convert_abort_before_start(workdir: str) -> None:
     abort = threading.Event()
     abort.set()
     with pytest.raises(errors.ConvertAborted):
-        qemuimg.convert(src, src + ".out", qemuimg.RAW, qemuimg.RAW, create=True, abort=abort)
+        qemuimg_copy.convert(src, src + ".out", qemuimg.RAW, qemuimg.RAW, create=True, abort=abort)
     assert not _qemu_img_running(src + ".out")
 
 
@@ -259,7 +259,7 @@ def _qemu_img_running(path: str) -> bool:
 
 def test_convert_failure_carries_stderr(workdir: str) -> None:
     with pytest.raises(errors.CommandFailed) as e:
-        qemuimg.convert(
+        qemuimg_copy.convert(
             os.path.join(workdir, "missing"),
             os.path.join(workdir, "out"),
             qemuimg.RAW,
@@ -273,11 +273,11 @@ def test_convert_failure_carries_stderr(workdir: str) -> None:
 
 def test_convert_refuses_unsafe_option_combinations(workdir: str) -> None:
     with pytest.raises(ValueError):
-        qemuimg.convert("a", "b", "qcow2", "qcow2", target_is_zero=True, backing="base")
+        qemuimg_copy.convert("a", "b", "qcow2", "qcow2", target_is_zero=True, backing="base")
     with pytest.raises(ValueError):
-        qemuimg.convert("a", "b", "raw", "raw", create=True, target_is_zero=True)
+        qemuimg_copy.convert("a", "b", "raw", "raw", create=True, target_is_zero=True)
     with pytest.raises(ValueError):
-        qemuimg.convert("a", "b", "raw", "qcow2", cluster_size=CLUSTER)
+        qemuimg_copy.convert("a", "b", "raw", "qcow2", cluster_size=CLUSTER)
 
 
 # copy_layer: the structure-keeping copy of Image.syncData.
@@ -318,8 +318,8 @@ def test_copy_layer_keeps_the_structure(workdir: str) -> None:
     seen: list[float] = []
 
     # Top first: the order does not matter.
-    qemuimg.copy_layer(src_top, dst_top, qemuimg.QCOW2, progress=seen.append)
-    qemuimg.copy_layer(src_base, dst_base, qemuimg.QCOW2)
+    qemuimg_copy.copy_layer(src_top, dst_top, qemuimg.QCOW2, progress=seen.append)
+    qemuimg_copy.copy_layer(src_base, dst_base, qemuimg.QCOW2)
 
     assert seen and seen[-1] == 100.0
     # Only top's own clusters are in the destination top: unallocated ones
@@ -346,8 +346,8 @@ def test_copy_layer_again_is_harmless(workdir: str) -> None:
     src_base, src_top = _chain(os.path.join(workdir, "src"))
     dst_base, dst_top = _empty_like(os.path.join(workdir, "dst"))
     for _ in range(2):
-        qemuimg.copy_layer(src_base, dst_base, qemuimg.QCOW2)
-        qemuimg.copy_layer(src_top, dst_top, qemuimg.QCOW2)
+        qemuimg_copy.copy_layer(src_base, dst_base, qemuimg.QCOW2)
+        qemuimg_copy.copy_layer(src_top, dst_top, qemuimg.QCOW2)
     assert qemuimg.compare(src_top, dst_top, qemuimg.QCOW2, qemuimg.QCOW2)
     assert sum(e[1] for e in own_extents(dst_top)) == 512 * KiB
 
@@ -360,7 +360,7 @@ def test_copy_layer_of_a_raw_base_overwrites_garbage(workdir: str) -> None:
     with open(dst, "wb") as f:  # a reused LV is not zeroed
         f.write(os.urandom(4 * MiB))
 
-    qemuimg.copy_layer(src, dst, qemuimg.RAW)
+    qemuimg_copy.copy_layer(src, dst, qemuimg.RAW)
 
     assert qemuimg.compare(src, dst, qemuimg.RAW, qemuimg.RAW)
 
@@ -385,7 +385,7 @@ def test_copy_layer_refuses_a_different_structure(workdir: str) -> None:
 
     for dst in (wrong_backing, small, big_clusters):
         with pytest.raises(errors.LayerMismatch):
-            qemuimg.copy_layer(src_top, dst, qemuimg.QCOW2)
+            qemuimg_copy.copy_layer(src_top, dst, qemuimg.QCOW2)
 
 
 def test_copy_layer_abort(workdir: str) -> None:
@@ -401,7 +401,7 @@ def test_copy_layer_abort(workdir: str) -> None:
             abort.set()
 
     with pytest.raises(errors.ConvertAborted):
-        qemuimg.copy_layer(
+        qemuimg_copy.copy_layer(
             src, dst, qemuimg.QCOW2, rate_limit_bps=8 * MiB, progress=progress, abort=abort
         )
     assert not _qemu_img_running(dst)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from storage import errors, sd, sync, task, volume
+from storage import errors, image_delete, sd, sync, task, volume
 from tests.storage import conftest
 from tests.storage import image_env as ie
 
@@ -144,7 +144,7 @@ def test_progress_grows_across_layers_to_100(env: ie.Env, sources: dict[str, ie.
     dst = env.domains["f2"]
     ops = env.ops()
     env.clone(ops, chain, dst)
-    job = ops._sync_job(sync.make_params(chain.sd_id, dst, chain.img_id, sync.ALL))
+    job = env.job(sync.KIND, sync.make_params(chain.sd_id, dst, chain.img_id, sync.ALL))
     ctx = RecordingContext()
 
     job.run(ctx)  # type: ignore[arg-type]
@@ -179,7 +179,7 @@ def test_stop_kills_qemu_img_and_a_retry_completes(env: ie.Env) -> None:
     status = env.wait(task_id)
 
     assert status["taskResult"] == task.CLEAN_FAILURE
-    assert status["error"] == errors.TaskAborted.name
+    assert status["code"] == errors.TaskAborted.name
     assert ie.qemu_img_pids(link_dir) == [] and ie.qemu_img_pids(dst_dir) == []
     assert all(0 <= p < 100 for p in seen) and seen == sorted(seen)
     # The interrupted base is not LEGAL; nothing after it was touched.
@@ -344,10 +344,10 @@ def test_the_mirror_can_prepare_and_release_the_leaf_during_an_internal_sync(
     env.storage.teardown(env.pool_id, dst, chain.img_id, chain.leaf)
     assert tasks.get_status(task_id)["taskState"] == task.RUNNING
     with pytest.raises(errors.ResourceTimeout):
-        env.storage.resources.acquire(slow._delete_job(
-            {"sd": dst, "img": chain.img_id}).locks(), timeout=0.5)
+        delete = env.job(image_delete.KIND, {"sd": dst, "img": chain.img_id})
+        env.storage.resources.acquire(delete.locks(), timeout=0.5)
 
     tasks.stop(task_id)
-    assert env.wait(task_id)["error"] == errors.TaskAborted.name
+    assert env.wait(task_id)["code"] == errors.TaskAborted.name
     env.storage.task_clear(task_id)
     env.run(slow.image_delete(chain.img_id, env.pool_id, dst))

@@ -216,7 +216,7 @@ def test_failed_creation_is_rolled_back(api, domain_factory, monkeypatch):
     status = run_task(api, api.volume_create(
         pool_id, sd_id, img, top, 16 * MiB, "COW", "SPARSE", "", img, base))
     assert status["taskResult"] == "cleanFailure"
-    assert status["error"] == "CommandFailed"
+    assert status["code"] == "CommandFailed"
     assert domain_state(api, sd_id) == before
     assert api.volume_get_info(pool_id, sd_id, img, base)["voltype"] == "LEAF"
 

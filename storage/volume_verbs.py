@@ -1,0 +1,133 @@
+"""Volume.*, Image.prepare/teardown, and the tasks: volumes of the connected pool.
+
+Volume.create and Volume.delete are SPM verbs: they refuse what is invalid
+on its face with a coded error before any task exists, then submit their
+job (storage.volume_jobs, declared in storage.jobs) and answer the task
+id.  Volume.getInfo, Image.prepare and Image.teardown work on any host
+connected to the pool.
+
+Task.* and Host.getAllTasks* report the SPM's tasks.  A status is the task
+manager's own (storage.task): ``code`` is the *name* of the error that
+ended the task ("" while none); the rpc layer turns it into the API's
+number (and adds the name as ``error``), the one place that maps error
+names to codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage import core, errors, task_manager, volume, volume_jobs
+
+BLANK_UUID = volume.BLANK_UUID
+
+
+class VolumeVerbs(core.StorageCore):
+    """Serves Volume.*, Image.prepare and Image.teardown."""
+
+    def volume_create(
+        self,
+        storagepool_id: str,
+        storagedomain_id: str,
+        image_id: str,
+        volume_id: str,
+        size: int,
+        vol_format: str,
+        preallocate: str,
+        desc: str = "",
+        src_img_uuid: str = BLANK_UUID,
+        src_vol_uuid: str = BLANK_UUID,
+        initial_size: int | None = None,
+    ) -> str:
+        """SPM: refuse what is invalid on its face, then create in a task."""
+        dom = self.spm_domain(storagepool_id, storagedomain_id)
+        if src_vol_uuid != BLANK_UUID and src_img_uuid not in (BLANK_UUID, image_id):
+            raise errors.ImageIsNotLegalChain(
+                img_id=image_id, sd_id=storagedomain_id,
+                reason=f"parent image {src_img_uuid} differs: templates are not supported",
+            )
+        volume.clean_description(desc)
+        dom.validate_create(
+            image_id, volume_id, size, vol_format, preallocate, src_vol_uuid, initial_size
+        )
+        params = volume_jobs.create_params(
+            storagepool_id, storagedomain_id, image_id, volume_id, size, vol_format,
+            preallocate, parent_id=src_vol_uuid, description=desc, initial_size=initial_size,
+        )
+        return self.submit_job(storagepool_id, volume_jobs.CREATE, params)
+
+    def volume_get_info(
+        self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str
+    ) -> dict[str, Any]:
+        dom = self.domain(storagepool_id, storagedomain_id)
+        try:
+            return dom.manifest.volume(image_id, volume_id).info()
+        except errors.VolumeDoesNotExist:
+            if not dom.manifest.list_volumes(image_id):
+                raise errors.ImageDoesNotExistInSD(
+                    img_id=image_id, sd_id=storagedomain_id
+                ) from None
+            raise
+
+    def volume_delete(
+        self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str
+    ) -> str:
+        dom = self.spm_domain(storagepool_id, storagedomain_id)
+        if not dom.manifest.list_volumes(image_id):
+            raise errors.ImageDoesNotExistInSD(img_id=image_id, sd_id=storagedomain_id)
+        dom.validate_delete(self.images, image_id, volume_id)
+        params = volume_jobs.delete_params(
+            storagepool_id, storagedomain_id, image_id, volume_id
+        )
+        return self.submit_job(storagepool_id, volume_jobs.DELETE, params)
+
+    # Image.prepare / Image.teardown
+
+    def image_prepare(
+        self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str
+    ) -> dict[str, Any]:
+        return self.prepare(storagepool_id, storagedomain_id, image_id, volume_id)
+
+    def image_teardown(
+        self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str
+    ) -> bool:
+        self.teardown(storagepool_id, storagedomain_id, image_id, volume_id)
+        return True
+
+
+class TaskVerbs(core.StorageCore):
+    """Serves Task.* and Host.getAllTasksStatuses / Host.getAllTasksInfo."""
+
+    def task_get_status(self, task_id: str) -> dict[str, Any]:
+        return self._task_manager(task_id).get_status(task_id)
+
+    def task_get_info(self, task_id: str) -> dict[str, str]:
+        return self._task_manager(task_id).get_info(task_id)
+
+    def task_clear(self, task_id: str) -> bool:
+        self._task_manager(task_id).clear(task_id)
+        return True
+
+    def task_stop(self, task_id: str) -> bool:
+        self._task_manager(task_id).stop(task_id)
+        return True
+
+    def host_get_all_tasks_statuses(self) -> dict[str, dict[str, Any]]:
+        return self._spm_tasks().all_statuses()
+
+    def host_get_all_tasks_info(self) -> dict[str, dict[str, str]]:
+        return self._spm_tasks().all_info()
+
+    def _task_manager(self, task_id: str) -> task_manager.TaskManager:
+        """The task manager that may know task_id (UnknownTask: none here)."""
+        p = self._pool
+        manager = p.tasks if p is not None else None
+        if manager is None:
+            raise errors.UnknownTask(task_id=task_id)
+        return manager
+
+    def _spm_tasks(self) -> task_manager.TaskManager:
+        p = self._pool
+        if p is None:
+            raise errors.SpmStatusError(pool_id="(no pool connected)")
+        return p.spm_tasks()
