@@ -26,7 +26,7 @@ from typing import Any
 
 from contrib import guest
 from contrib.guest import verifier
-from vdsm_lsm import client, move_disk
+from vdsm_lsm import client, move_disk, move_progress
 
 MiB = 1024**2
 BLANK = "00000000-0000-0000-0000-000000000000"
@@ -126,7 +126,7 @@ def run(rpc: client.Client, workdir: str) -> int:
         print(f"$ vdsm-lsm-client move-disk {vm_id} {dst_sd} --drive vda --delete-source",
               flush=True)
         mover = move_disk.MoveDisk(rpc, vm_id, dst_sd, drive="vda", delete_source=True,
-                                   progress=move_disk.ProgressBar(sys.stdout))
+                                   progress=move_progress.ProgressBar(sys.stdout))
         summary = mover.run()
         print(json.dumps(summary, indent=2, sort_keys=True))
         snap_id = summary["volumeChain"][-1]

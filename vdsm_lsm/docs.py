@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from rpc import schema
-from vdsm_lsm import app
+from vdsm_lsm import api_schema
 
 
 def _type_text(spec: Any) -> str:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
     args = parser.parse_args(argv)
-    text = render(app.load_schema())
+    text = render(api_schema.load())
     if args.output == "-":
         sys.stdout.write(text)
     else:

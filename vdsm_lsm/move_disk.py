@@ -1,7 +1,8 @@
 """The move-disk flow: live storage migration of one drive, as an engine runs it.
 
-:class:`MoveDisk` drives a daemon through a :class:`vdsm_lsm.client.Client`
-(DESIGN section 1) to move a running VM's drive to another domain of the
+:class:`MoveDisk` drives a daemon through a :class:`Transport` (any object
+with ``call(method, **params)``, such as :class:`vdsm_lsm.client.Client`;
+DESIGN section 1) to move a running VM's drive to another domain of the
 same pool:
 
 1. live snapshot: ``Volume.create`` a new COW leaf over the current one,
@@ -20,41 +21,20 @@ waiting, ``unavail`` (40) is retried; a failed pivot (``changeDisk``, 41)
 is retried a few times, then the move is aborted.
 
 Pool, domain, image and leaf come from ``VM.getStats(vmID).disks[drive]``.
-:class:`Progress` turns the phases into one overall percent (each phase
-weighted), :class:`ProgressBar` shows it on a stream: one updating line on
-a terminal, plain periodic lines otherwise.
-
-    vdsm-lsm-client [connection options] move-disk VMID DSTDOMAIN [--drive vda]
-        [--pool POOL] [--delete-source] [--bandwidth MiB/s] [--timeout S]
+The phases and their display are :mod:`vdsm_lsm.move_progress`'s; the
+command line (``vdsm-lsm-client move-disk``) is :mod:`vdsm_lsm.cli`'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
 import logging
-import sys
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, Protocol
 
-from vdsm_lsm import client
+from vdsm_lsm import api_schema, client_errors, move_progress
 
 log = logging.getLogger("vdsm_lsm.move_disk")
-
-# Phases of the flow and their weights in the overall percent.
-SNAPSHOT = "snapshot"
-CLONE = "clone"
-REPLICATE = "replicate"
-SYNC = "sync"
-MIRROR = "mirror"
-PIVOT = "pivot"
-DELETE = "delete-source"
-DONE = "done"
-
-WEIGHTS = {SNAPSHOT: 5, CLONE: 10, REPLICATE: 5, SYNC: 40, MIRROR: 30, PIVOT: 5, DELETE: 5}
 
 PIVOT_RETRIES = 3
 PIVOT_RETRY_DELAY = 2.0
@@ -67,111 +47,20 @@ CHANGE_DISK = "changeDisk"
 NOT_IN_PROGRESS = "ReplicationNotInProgress"
 
 
-@functools.cache
-def code_of(name: str) -> int:
-    from vdsm_lsm import app  # the schema lives with the daemon
+class Transport(Protocol):
+    """What the flow asks of its connection to the daemon.
 
-    code = app.load_schema().code_of(name)
-    assert code is not None, name
-    return code
-
-
-def error(name: str, message: str) -> client.ClientError:
-    return client.ClientError(code_of(name), message)
-
-
-# Progress
-
-
-class Progress:
-    """The overall percent of a move from the current phase and its fraction.
-
-    Phases run in the order given; a phase's share of 100 is its weight over
-    the total.  The percent never goes back (a mirror's cur/end may).
+    ``call`` returns a verb's result; it raises
+    :class:`vdsm_lsm.client_errors.ClientError` for an error answer and
+    :class:`OSError` when the daemon cannot be reached.
     """
 
-    def __init__(self, phases: list[str], weights: dict[str, int] | None = None) -> None:
-        weights = WEIGHTS if weights is None else weights
-        self.phases = list(phases)
-        self.weights = {p: weights[p] for p in self.phases}
-        self.total = sum(self.weights.values())
-        self.best = 0.0
-
-    def percent(self, phase: str, fraction: float = 0.0) -> float:
-        if phase == DONE:
-            value = 100.0
-        else:
-            done = sum(self.weights[p] for p in self.phases[: self.phases.index(phase)])
-            fraction = min(max(fraction, 0.0), 1.0)
-            value = 100.0 * (done + self.weights[phase] * fraction) / self.total
-        self.best = max(self.best, value)
-        return self.best
+    def call(self, method: str, **params: Any) -> Any: ...
 
 
-def mirror_fraction(replicate: dict[str, Any]) -> float:
-    """How far a mirror is from ready, from VM.getStats' ``replicate``."""
-    if replicate.get("state") == "ready":
-        return 1.0
-    end = replicate.get("end") or 0
-    return (replicate.get("cur") or 0) / end if end > 0 else 0.0
-
-
-class ProgressBar:
-    """Shows (percent, phase) on a stream.
-
-    On a terminal one line is redrawn in place; otherwise a line is written
-    when the phase changes or the percent has moved ``step`` since the last
-    line, at most every ``interval`` seconds within a phase.
-    """
-
-    WIDTH = 30
-
-    def __init__(
-        self,
-        stream: TextIO | None = None,
-        tty: bool | None = None,
-        step: float = 10.0,
-        interval: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.step = step
-        self.interval = interval
-        self.clock = clock
-        self._last: tuple[float, str, str] | None = None  # percent, phase, detail
-        self._last_time = 0.0
-        self._open = False
-
-    def render(self, percent: float, phase: str, detail: str = "") -> str:
-        filled = int(self.WIDTH * percent / 100)
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        text = f"[{bar}] {percent:5.1f}% {phase}"
-        return f"{text} {detail}" if detail else text
-
-    def update(self, percent: float, phase: str, detail: str = "") -> None:
-        now = self.clock()
-        last = self._last
-        if self.tty:
-            if last == (percent, phase, detail):
-                return
-            self.stream.write("\r\x1b[K" + self.render(percent, phase, detail))
-            self._open = True
-        else:
-            if last is not None and last[1] == phase:
-                moved = percent - last[0]
-                if moved < self.step and (moved <= 0 or now - self._last_time < self.interval):
-                    return
-            self.stream.write(self.render(percent, phase, detail) + "\n")
-        self.stream.flush()
-        self._last = (percent, phase, detail)
-        self._last_time = now
-
-    def close(self) -> None:
-        if self._open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open = False
+def error(name: str, message: str) -> client_errors.ClientError:
+    """A refusal of the flow, with the code of the schema error ``name``."""
+    return client_errors.ClientError(api_schema.code_of(name), message)
 
 
 # The flow
@@ -182,7 +71,7 @@ class MoveDisk:
 
     def __init__(
         self,
-        rpc: client.Client,
+        rpc: Transport,
         vm_id: str,
         dst_domain: str,
         drive: str = "vda",
@@ -190,7 +79,7 @@ class MoveDisk:
         delete_source: bool = False,
         bandwidth: int = 0,
         timeout: float = DEFAULT_TIMEOUT,
-        progress: ProgressBar | None = None,
+        progress: move_progress.ProgressBar | None = None,
         poll_interval: float = 0.5,
     ) -> None:
         self.rpc = rpc
@@ -203,11 +92,11 @@ class MoveDisk:
         self.timeout = timeout
         self.bar = progress
         self.poll_interval = poll_interval
-        phases = [SNAPSHOT, CLONE, REPLICATE, SYNC, MIRROR, PIVOT]
+        phases = list(move_progress.PHASES)
         if delete_source:
-            phases.append(DELETE)
-        self.progress = Progress(phases)
-        self.phase = SNAPSHOT
+            phases.append(move_progress.DELETE)
+        self.progress = move_progress.Progress(phases)
+        self.phase = move_progress.SNAPSHOT
         self._deadline = 0.0
         self._cloned = False
         self._mirrored = False
@@ -215,7 +104,7 @@ class MoveDisk:
     # Public
 
     def run(self) -> dict[str, Any]:
-        """Run the whole flow; return a summary; raise client.ClientError on failure."""
+        """Run the whole flow; return a summary; raise ClientError on failure."""
         started = time.monotonic()
         self._deadline = started + self.timeout
         disk = self._disk()
@@ -241,16 +130,16 @@ class MoveDisk:
         # What the rollback must undo: only what this flow made.
         self._cloned = self._mirrored = False
         try:
-            self._set_phase(CLONE)
+            self._set_phase(move_progress.CLONE)
             task = self._call("Image.cloneStructure", imageID=img_id, storagepoolID=pool_id,
                               storagedomainID=src_sd, dstSdUUID=self.dst_domain)
             self._cloned = True
             self._wait_task(task, "cloneStructure")
-            self._set_phase(REPLICATE)
+            self._set_phase(move_progress.REPLICATE)
             self._mirrored = True
             self._call("VM.diskReplicateStart", vmID=self.vm_id, srcDisk=src, dstDisk=dst,
                        bandwidth=self.bandwidth)
-            self._set_phase(SYNC)
+            self._set_phase(move_progress.SYNC)
             self._wait_task(
                 self._call("Image.syncData", imageID=img_id, storagepoolID=pool_id,
                            storagedomainID=src_sd, dstSdUUID=self.dst_domain,
@@ -268,13 +157,13 @@ class MoveDisk:
         if disk["domainID"] != self.dst_domain:
             raise error("replicaErr", f"drive {self.drive} still runs on {disk['domainID']}")
         if self.delete_source:
-            self._set_phase(DELETE)
+            self._set_phase(move_progress.DELETE)
             self._wait_task(
                 self._call("Image.delete", imageID=img_id, storagepoolID=pool_id,
                            storagedomainID=src_sd),
                 "delete source",
             )
-        self._set_phase(DONE)
+        self._set_phase(move_progress.DONE)
         if self.bar is not None:
             self.bar.close()
         return {
@@ -292,7 +181,7 @@ class MoveDisk:
     # Steps
 
     def _snapshot(self, pool_id: str, sd_id: str, img_id: str, parent: str) -> str:
-        self._set_phase(SNAPSHOT)
+        self._set_phase(move_progress.SNAPSHOT)
         info = self._call("Volume.getInfo", storagepoolID=pool_id, storagedomainID=sd_id,
                           imageID=img_id, volumeID=parent)
         leaf = str(uuid.uuid4())
@@ -306,14 +195,14 @@ class MoveDisk:
             self._call("VM.snapshot", vmID=self.vm_id, snapDrives=[
                 {"domainID": sd_id, "imageID": img_id, "baseVolumeID": parent,
                  "volumeID": leaf}])
-        except client.ClientError:
+        except client_errors.ClientError:
             task = self._quietly("Volume.delete", storagepoolID=pool_id, storagedomainID=sd_id,
                                  imageID=img_id, volumeID=leaf)
             if task:
                 self._deadline = time.monotonic() + ROLLBACK_TIMEOUT
                 try:
                     self._wait_task(task, "delete snapshot leaf", show=False)
-                except client.ClientError as e:
+                except client_errors.ClientError as e:
                     log.error("Cannot delete the snapshot leaf %s: %s", leaf, e)
             raise
         log.info("Snapshot done vm=%s drive=%s leaf=%s", self.vm_id, self.drive, leaf)
@@ -322,17 +211,17 @@ class MoveDisk:
     def _pivot(self, src: dict[str, Any], dst: dict[str, Any]) -> None:
         failures = 0
         while True:
-            self._set_phase(MIRROR)
+            self._set_phase(move_progress.MIRROR)
             self._wait_ready()
-            self._set_phase(PIVOT)
+            self._set_phase(move_progress.PIVOT)
             try:
                 self.rpc.call("VM.diskReplicateFinish", vmID=self.vm_id, srcDisk=src,
                               dstDisk=dst)
                 return
-            except client.ClientError as e:
-                if e.code == code_of(UNAVAIL):
+            except client_errors.ClientError as e:
+                if e.code == api_schema.code_of(UNAVAIL):
                     log.info("Pivot: mirror not ready yet vm=%s: %s", self.vm_id, e.message)
-                elif e.code == code_of(CHANGE_DISK) and failures < PIVOT_RETRIES:
+                elif e.code == api_schema.code_of(CHANGE_DISK) and failures < PIVOT_RETRIES:
                     failures += 1
                     log.warning("Pivot failed (%d/%d) vm=%s: %s", failures, PIVOT_RETRIES,
                                 self.vm_id, e.message)
@@ -348,7 +237,7 @@ class MoveDisk:
                 raise error(NOT_IN_PROGRESS, f"drive {self.drive} has no replication")
             if replicate["state"] == "failed":
                 raise error("replicaErr", f"the mirror of {self.drive} failed")
-            self._show(mirror_fraction(replicate),
+            self._show(move_progress.mirror_fraction(replicate),
                        f"{replicate.get('cur', 0)}/{replicate.get('end', 0)} bytes")
             if replicate["state"] == "ready" and replicate["cur"] == replicate["end"]:
                 return
@@ -375,7 +264,7 @@ class MoveDisk:
                                storagedomainID=self.dst_domain),
                     "delete destination", show=False,
                 )
-            except client.ClientError as e:
+            except client_errors.ClientError as e:
                 log.error("Cannot delete the destination image sd=%s img=%s: %s",
                           self.dst_domain, img_id, e)
 
@@ -393,8 +282,8 @@ class MoveDisk:
         while True:
             try:
                 return self.rpc.call(method, **params)
-            except client.ClientError as e:
-                if e.code != code_of(UNAVAIL):
+            except client_errors.ClientError as e:
+                if e.code != api_schema.code_of(UNAVAIL):
                     raise
                 log.info("%s unavailable, retrying: %s", method, e.message)
             self._check_deadline(method)
@@ -403,7 +292,7 @@ class MoveDisk:
     def _quietly(self, method: str, **params: Any) -> Any:
         try:
             return self.rpc.call(method, **params)
-        except (client.ClientError, OSError) as e:
+        except (client_errors.ClientError, OSError) as e:
             log.error("Rollback %s failed: %s", method, e)
             return None
 
@@ -421,7 +310,7 @@ class MoveDisk:
         self._quietly("Task.clear", taskID=task_id)
         if status["taskResult"] != "success":
             log.info("Task failed task=%s what=%s status=%s", task_id, what, status)
-            raise client.ClientError(status["code"], f"{what}: {status['message']}")
+            raise client_errors.ClientError(status["code"], f"{what}: {status['message']}")
         return dict(status)
 
     def _stop_task(self, task_id: str) -> None:
@@ -451,63 +340,3 @@ class MoveDisk:
 
     def _sleep(self, seconds: float) -> None:
         time.sleep(seconds)
-
-
-# The CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vdsm-lsm-client [connection options] move-disk",
-        description="Move a running VM's drive to another domain of its pool "
-        "(live storage migration), with a progress bar on stderr.",
-    )
-    parser.add_argument("vm_id", metavar="VMID")
-    parser.add_argument("dst_domain", metavar="DSTDOMAIN")
-    parser.add_argument("--drive", default="vda", help="target name of the drive (default vda)")
-    parser.add_argument("--pool", help="pool ID (default: the drive's, from VM.getStats)")
-    parser.add_argument("--delete-source", action="store_true",
-                        help="delete the source image after the pivot")
-    parser.add_argument("--bandwidth", type=int, default=0, metavar="MiB/s",
-                        help="mirror bandwidth limit (default 0: unlimited)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
-                        help="give up and roll back after S seconds "
-                        f"(default {DEFAULT_TIMEOUT:g})")
-    return parser
-
-
-def main(connection_argv: list[str], argv: list[str]) -> int:
-    """``vdsm-lsm-client [connection_argv] move-disk [argv]``: exits 0 on success.
-
-    The client is made here, from this module's ``client`` (under ``python -m
-    vdsm_lsm.client`` the caller's module is ``__main__``, whose ClientError
-    is another class).
-    """
-    rpc = client.client_from_args(client.build_parser().parse_args(connection_argv))
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="vdsm-lsm-client: %(message)s")
-    bar = ProgressBar(sys.stderr)
-    flow = MoveDisk(
-        rpc, args.vm_id, args.dst_domain, drive=args.drive, pool_id=args.pool,
-        delete_source=args.delete_source, bandwidth=args.bandwidth, timeout=args.timeout,
-        progress=bar,
-    )
-    try:
-        summary = flow.run()
-    except client.ClientError as e:
-        bar.close()
-        print(f"error {e.code}: {e.message}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        bar.close()
-        print(f"vdsm-lsm-client: cannot reach the daemon: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        bar.close()
-        print("vdsm-lsm-client: interrupted; the move was rolled back", file=sys.stderr)
-        return 130
-    finally:
-        rpc.close()
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    return 0

@@ -13,7 +13,7 @@ from vdsm_lsm import client
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vdsm_lsm.client", *args],
+        [sys.executable, "-m", "vdsm_lsm.cli", *args],
         capture_output=True, text=True, timeout=120, input=stdin,
     )
 
@@ -64,6 +64,14 @@ def test_verb_help_from_schema():
 def test_unknown_verb():
     proc = run_cli("Volume", "explode")
     assert proc.returncode == 2 and "unknown verb" in proc.stderr
+
+
+def test_python_m_vdsm_lsm_client_still_runs_the_command(daemon):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vdsm_lsm.client", "--socket", daemon.socket_path, "Host", "ping2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0 and json.loads(proc.stdout) is True
 
 
 def test_daemon_unreachable(tmp_path):

@@ -4,12 +4,12 @@
 it: a writing guest's disk moves file -> file and the verifier finds every
 acknowledged write on the destination chain; a destination without room for
 the internal volumes fails the move after the mirror started, and the flow
-rolls back to the source. The progress computation is unit-tested.
+rolls back to the source. The flow's refusals and phases are unit-tested against
+a small fake transport (the progress computation: test_move_progress.py).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -24,7 +24,7 @@ import pytest
 from contrib.guest import verifier
 from storage import commands
 from tests.virt.conftest import domains, guest_files, vm_params, workdir  # noqa: F401
-from vdsm_lsm import app, client, move_disk
+from vdsm_lsm import api_schema, client_errors, move_disk, move_progress
 
 MiB = 1024**2
 BLANK = "00000000-0000-0000-0000-000000000000"
@@ -36,9 +36,7 @@ def new_id() -> str:
 
 
 def code(name: str) -> int:
-    value = app.load_schema().code_of(name)
-    assert value is not None
-    return value
+    return api_schema.code_of(name)
 
 
 class Site:
@@ -91,7 +89,7 @@ class Site:
 
     def move_disk(self, *args: str) -> subprocess.CompletedProcess[str]:
         """vdsm-lsm-client move-disk, as a subprocess; stderr is a file (not a TTY)."""
-        argv = [sys.executable, "-m", "vdsm_lsm.client", "--socket", self.daemon.socket_path,
+        argv = [sys.executable, "-m", "vdsm_lsm.cli", "--socket", self.daemon.socket_path,
                 "move-disk", *args]
         proc = subprocess.run(argv, cwd=TOP, capture_output=True, text=True, timeout=600)
         print(f"$ {' '.join(argv)}\nrc={proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -105,7 +103,7 @@ class Site:
         ]:
             try:
                 self.call(method, **params)
-            except (client.ClientError, OSError) as e:
+            except (client_errors.ClientError, OSError) as e:
                 print(f"clean-up {method}: {e}")
 
 
@@ -134,7 +132,7 @@ def make_site(daemon_factory: Any, domains: list[str], src: str, dst: str) -> It
         for vm_id in list(domains):
             try:
                 s.call("VM.destroy", vmID=vm_id)
-            except (client.ClientError, OSError):
+            except (client_errors.ClientError, OSError):
                 pass
         s.cleanup()
 
@@ -245,75 +243,52 @@ def test_move_disk_onto_a_full_domain_rolls_back_to_the_source(full_site, vm_par
     assert result.ok and result.lost == 0, str(result)
 
 
-# Progress computation and display
+# The flow, against a fake transport
 
 
-def test_progress_weights_phases_into_one_percent():
-    p = move_disk.Progress(["a", "b", "c"], {"a": 10, "b": 30, "c": 60})
-    assert p.percent("a") == 0
-    assert p.percent("a", 0.5) == 5
-    assert p.percent("b") == 10
-    assert p.percent("b", 1.0) == 40
-    assert p.percent("c", 0.5) == 70
-    assert p.percent(move_disk.DONE) == 100
+class FakeTransport:
+    """Answers each verb from its list in turn, the last answer from then on; raises errors."""
+
+    def __init__(self, answers: dict[str, list[Any]]) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+
+    def call(self, method: str, **params: Any) -> Any:
+        self.calls.append(method)
+        queue = self.answers[method]
+        answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
-def test_progress_never_goes_back_and_clamps_fractions():
-    p = move_disk.Progress(["a", "b"], {"a": 50, "b": 50})
-    assert p.percent("b", 0.8) == 90
-    assert p.percent("b", 0.2) == 90  # a mirror's cur/end fell back: keep the best
-    assert p.percent("b", 7.0) == 100
-    q = move_disk.Progress(["a", "b"], {"a": 50, "b": 50})
-    assert q.percent("a", -1.0) == 0
+def stats(sd_id: str) -> dict[str, Any]:
+    return {"disks": {"vda": {"poolID": "pool", "domainID": sd_id, "imageID": "img",
+                              "volumeID": "leaf"}}}
+
+
+def test_flow_refuses_a_move_onto_its_own_domain_before_any_change():
+    rpc = FakeTransport({"VM.getStats": [stats("sd")]})
+    with pytest.raises(client_errors.ClientError) as e:
+        move_disk.MoveDisk(rpc, "vm", "sd").run()
+    assert e.value.code == code("SameSourceAndDestination")
+    assert rpc.calls == ["VM.getStats"]
+
+
+def test_flow_retries_unavail_then_refuses_a_domain_outside_the_pool():
+    busy = client_errors.ClientError(code("unavail"), "busy")
+    rpc = FakeTransport({"VM.getStats": [busy, stats("src")],
+                         "StoragePool.getInfo": [{"dominfo": {"src": {}}}]})
+    with pytest.raises(client_errors.ClientError) as e:
+        move_disk.MoveDisk(rpc, "vm", "dst", poll_interval=0).run()
+    assert e.value.code == code("StorageDomainNotInPool")
+    assert rpc.calls == ["VM.getStats", "VM.getStats", "StoragePool.getInfo"]
 
 
 def test_progress_of_the_flow_skips_delete_unless_asked():
     with_delete = move_disk.MoveDisk(None, "vm", "sd", delete_source=True)  # type: ignore[arg-type]
     without = move_disk.MoveDisk(None, "vm", "sd")  # type: ignore[arg-type]
-    assert move_disk.DELETE in with_delete.progress.phases
-    assert move_disk.DELETE not in without.progress.phases
-    assert without.progress.percent(move_disk.PIVOT, 1.0) == 100
-    assert with_delete.progress.percent(move_disk.PIVOT, 1.0) < 100
-
-
-def test_mirror_fraction_from_replicate_stats():
-    assert move_disk.mirror_fraction({"state": "copying", "cur": 0, "end": 0}) == 0
-    assert move_disk.mirror_fraction({"state": "copying", "cur": 25, "end": 100}) == 0.25
-    assert move_disk.mirror_fraction({"state": "ready", "cur": 99, "end": 100}) == 1.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_progress_bar_writes_plain_lines_when_not_a_tty():
-    out, clock = io.StringIO(), Clock()
-    bar = move_disk.ProgressBar(out, tty=False, step=10, interval=5, clock=clock)
-    bar.update(0, "sync")
-    bar.update(3, "sync")  # small move, too soon: no line
-    clock.now = 6
-    bar.update(4, "sync")  # small move, but a while since the last line
-    bar.update(20, "sync")  # a big move
-    bar.update(20, "mirror")  # a new phase always shows
-    bar.update(100, move_disk.DONE)
-    bar.close()
-    lines = out.getvalue().splitlines()
-    assert [line.split("] ")[1] for line in lines] == [
-        "  0.0% sync", "  4.0% sync", " 20.0% sync", " 20.0% mirror", "100.0% done"]
-    assert "\r" not in out.getvalue()
-
-
-def test_progress_bar_redraws_one_line_on_a_tty():
-    out = io.StringIO()
-    bar = move_disk.ProgressBar(out, tty=True)
-    bar.update(0, "snapshot")
-    bar.update(50, "sync", "syncData")
-    bar.update(50, "sync", "syncData")  # unchanged: not redrawn
-    bar.close()
-    text = out.getvalue()
-    assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1
-    assert "[" + "#" * 15 + "-" * 15 + "]  50.0% sync syncData" in text
+    assert move_progress.DELETE in with_delete.progress.phases
+    assert move_progress.DELETE not in without.progress.phases
+    assert without.progress.percent(move_progress.PIVOT, 1.0) == 100
+    assert with_delete.progress.percent(move_progress.PIVOT, 1.0) < 100

@@ -1,0 +1,69 @@
+"""The progress of a move (vdsm_lsm/move_progress.py): one weighted percent, a bar."""
+
+from __future__ import annotations
+
+import io
+
+from vdsm_lsm import move_progress
+
+
+def test_progress_weights_phases_into_one_percent():
+    p = move_progress.Progress(["a", "b", "c"], {"a": 10, "b": 30, "c": 60})
+    assert p.percent("a") == 0
+    assert p.percent("a", 0.5) == 5
+    assert p.percent("b") == 10
+    assert p.percent("b", 1.0) == 40
+    assert p.percent("c", 0.5) == 70
+    assert p.percent(move_progress.DONE) == 100
+
+
+def test_progress_never_goes_back_and_clamps_fractions():
+    p = move_progress.Progress(["a", "b"], {"a": 50, "b": 50})
+    assert p.percent("b", 0.8) == 90
+    assert p.percent("b", 0.2) == 90  # a mirror's cur/end fell back: keep the best
+    assert p.percent("b", 7.0) == 100
+    q = move_progress.Progress(["a", "b"], {"a": 50, "b": 50})
+    assert q.percent("a", -1.0) == 0
+
+
+def test_mirror_fraction_from_replicate_stats():
+    assert move_progress.mirror_fraction({"state": "copying", "cur": 0, "end": 0}) == 0
+    assert move_progress.mirror_fraction({"state": "copying", "cur": 25, "end": 100}) == 0.25
+    assert move_progress.mirror_fraction({"state": "ready", "cur": 99, "end": 100}) == 1.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_bar_writes_plain_lines_when_not_a_tty():
+    out, clock = io.StringIO(), Clock()
+    bar = move_progress.ProgressBar(out, tty=False, step=10, interval=5, clock=clock)
+    bar.update(0, "sync")
+    bar.update(3, "sync")  # small move, too soon: no line
+    clock.now = 6
+    bar.update(4, "sync")  # small move, but a while since the last line
+    bar.update(20, "sync")  # a big move
+    bar.update(20, "mirror")  # a new phase always shows
+    bar.update(100, move_progress.DONE)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split("] ")[1] for line in lines] == [
+        "  0.0% sync", "  4.0% sync", " 20.0% sync", " 20.0% mirror", "100.0% done"]
+    assert "\r" not in out.getvalue()
+
+
+def test_progress_bar_redraws_one_line_on_a_tty():
+    out = io.StringIO()
+    bar = move_progress.ProgressBar(out, tty=True)
+    bar.update(0, "snapshot")
+    bar.update(50, "sync", "syncData")
+    bar.update(50, "sync", "syncData")  # unchanged: not redrawn
+    bar.close()
+    text = out.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1
+    assert "[" + "#" * 15 + "-" * 15 + "]  50.0% sync syncData" in text
