@@ -7,9 +7,11 @@ Files read, in order, each overriding the previous:
 
 Every key must be known and its value must parse as the key's type; a bad
 value is a start-up error naming the file, section and key.  The resulting
-:class:`Config` is passed to whoever needs it; nothing imports it as a
-global.  ``vdsm-lsm --show-config`` prints the effective values and where
-each came from.
+:class:`Config` is read by the daemon only (``vdsm_lsm/daemon.py`` for its
+listeners and logging, ``vdsm_lsm/app.py`` for everything else): app.py
+turns it, once, into each package's own settings; no package sees this
+object or imports it as a global.  ``vdsm-lsm --show-config`` prints the
+effective values and where each came from.
 """
 
 from __future__ import annotations

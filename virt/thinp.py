@@ -12,9 +12,10 @@ drive (COW leaf reached as a block device) of every VM:
   physical) in case an event was missed (reconnect, restart, a threshold
   already crossed when set);
 - when the allocation crosses ``physical - watermark`` the volume grows to
-  ``physical + chunk`` (at most its maximum size, ``capacity * 1.1``; storage
-  caps too) through the storage interface: ``extend`` (SPM) then ``refresh``
-  (HSM), then a new threshold is set;
+  ``physical + chunk`` (at most its maximum size, ``capacity * 1.1`` in whole
+  sectors: ``common.sizes.cow_max_size``, storage's rule) through the storage
+  interface: ``extend`` (SPM) then ``refresh`` (HSM), then a new threshold
+  is set;
 - while the drive is mirrored (a replication with ``need_extend``) to a
   block destination, the **replica is extended first, then the source**, to
   the same size, so the mirror never has less room than the source;
@@ -26,7 +27,7 @@ drive (COW leaf reached as a block device) of every VM:
 One thread per daemon::
 
     mon = Monitor(storage, api.vms, thinp.Config(interval=2, utilization_percent=20,
-                                                   chunk_mb=2560))
+                                                 chunk_mb=2560))
     api.events.threshold_hooks.append(mon.on_threshold)
     api.events.io_error_hooks.append(mon.on_io_error)
     mon.start() ... mon.stop()
@@ -39,13 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 
 import libvirt
 
+from common import sizes
 from virt import drive as drive_mod
 from virt import storage_iface
 from virt import vm as vm_mod
@@ -53,13 +54,11 @@ from virt import vm as vm_mod
 log = logging.getLogger("virt.thinp")
 
 MiB = 1024**2
-# Most a COW volume may take: its capacity plus qcow2 metadata (as storage).
-COW_OVERHEAD = 1.1
 # How long a cycle waits for a VM busy with another operation before skipping it.
 LOCK_TIMEOUT = 1.0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
     interval: float = 2.0  # [thinp] monitor_interval, seconds
     utilization_percent: int = 20  # [irs] volume_utilization_percent
@@ -78,11 +77,6 @@ def watermark(chunk: int, utilization_percent: int) -> int:
     return chunk * utilization_percent // 100
 
 
-def max_size(capacity: int) -> int:
-    """The most bytes a COW volume of this virtual size may take."""
-    return int(capacity * COW_OVERHEAD)
-
-
 def threshold(physical: int, mark: int) -> int:
     """The block threshold for a volume of physical bytes (0: none)."""
     return max(physical - mark, 0)
@@ -90,12 +84,12 @@ def threshold(physical: int, mark: int) -> int:
 
 def needs_extension(capacity: int, allocation: int, physical: int, mark: int) -> bool:
     """Whether the allocation crossed physical - watermark and there is room to grow."""
-    return allocation >= physical - mark and physical < max_size(capacity)
+    return allocation >= physical - mark and physical < sizes.cow_max_size(capacity)
 
 
 def next_size(capacity: int, physical: int, chunk: int) -> int:
     """The size to extend to: one chunk more, at most the maximum size."""
-    return min(physical + chunk, max(max_size(capacity), physical))
+    return min(physical + chunk, max(sizes.cow_max_size(capacity), physical))
 
 
 def extension_plan(
@@ -272,7 +266,7 @@ class Monitor:
         replica_physical = None
         if replica_needs_extend(r):
             assert r is not None
-            replica_physical = device_size(r.path)
+            replica_physical = sizes.device_size(r.path)
             if replica_physical < physical:
                 # The mirror must never have less room than the source.
                 self._extend(vm, d, "replica", physical, replica_physical)
@@ -319,7 +313,7 @@ class Monitor:
     def _set_threshold(
         self, vm: vm_mod.VM, d: drive_mod.Drive, capacity: int, physical: int
     ) -> None:
-        if physical >= max_size(capacity):
+        if physical >= sizes.cow_max_size(capacity):
             return
         value = threshold(physical, self.mark)
         if value == 0 or value == d.threshold:
@@ -339,7 +333,7 @@ class Monitor:
         if not (is_thin(d) and r.need_extend and r.disk_type == drive_mod.BLOCK):
             return
         _, _, physical = vm.call(lambda dom: dom.blockInfo(d.name, 0))
-        have = device_size(r.path)
+        have = sizes.device_size(r.path)
         if have >= physical:
             return
         ids = (r.pool_id, r.domain_id, r.image_id, r.volume_id)
@@ -365,11 +359,3 @@ def replica_needs_extend(r: drive_mod.Replica | None) -> bool:
         and r.state != drive_mod.FAILED
     )
 
-
-def device_size(path: str) -> int:
-    """Size in bytes of a block device (or file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)

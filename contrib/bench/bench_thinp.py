@@ -33,7 +33,7 @@ from contrib import guest
 from contrib.guest import verifier
 from tests.virt import storage_env
 from virt import api as virt_api
-from virt import connection
+from virt import connection, thinp
 from virt import vm as vm_mod
 
 MiB = 1024**2
@@ -75,8 +75,8 @@ def run(
 ) -> tuple[list[float], list[float], int]:
     storage = TimedStorage(env)
     config = virt_api.Config(
-        libvirt_uri=URI, accel="tcg", monitor_interval=interval, utilization_percent=50,
-        chunk_mb=CHUNK_MB,
+        libvirt_uri=URI, accel="tcg",
+        thinp=thinp.Config(interval=interval, utilization_percent=50, chunk_mb=CHUNK_MB),
     )
     api = virt_api.API(storage, config)
     crossed: list[float] = []

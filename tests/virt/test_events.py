@@ -124,9 +124,56 @@ class TestDispatcher:
         assert d.threshold == 0
         assert seen == [(vm, d, "vda", "/p", 1000, 5)]
 
-    def test_event_of_unknown_vm_is_ignored(self):
-        disp = events.Dispatcher({}.get)
-        disp(connection.LIFECYCLE, str(uuid.uuid4()), (libvirt.VIR_DOMAIN_EVENT_STOPPED, 0))
+    def test_events_of_an_unknown_vm_change_no_vm_and_reach_no_hook(self):
+        vm = make_vm()
+        vm.drive("vda").threshold = 1000
+        seen = []
+        disp = events.Dispatcher({vm.id: vm}.get)
+        disp.io_error_hooks.append(lambda *args: seen.append(("io_error", args)))
+        disp.block_job_hooks.append(lambda *args: seen.append(("block_job", args)))
+        disp.threshold_hooks.append(lambda *args: seen.append(("threshold", args)))
+        other = str(uuid.uuid4())
+        copy = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY
+
+        disp(connection.LIFECYCLE, other, (libvirt.VIR_DOMAIN_EVENT_STOPPED, 0))
+        disp(
+            connection.IO_ERROR,
+            other,
+            ("/p", "ua-vda", libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE, "enospc"),
+        )
+        disp(connection.BLOCK_JOB, other, ("vda", copy, libvirt.VIR_DOMAIN_BLOCK_JOB_READY))
+        disp(connection.BLOCK_THRESHOLD, other, ("vda", "/p", 1000, 5))
+
+        assert (vm.status, vm.pause_code) == (vm_mod.UP, vm_mod.NOERR)
+        assert vm.drive("vda").threshold == 1000
+        assert vm.drive("vda").last_job_event is None
+        assert seen == []
+
+    def test_events_of_an_unknown_drive_reach_no_hook(self):
+        vm = make_vm()
+        vm.drive("vda").threshold = 1000
+        seen = []
+        disp = events.Dispatcher({vm.id: vm}.get)
+        disp.block_job_hooks.append(lambda *args: seen.append(("block_job", args)))
+        disp.threshold_hooks.append(lambda *args: seen.append(("threshold", args)))
+        copy = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY
+
+        disp(connection.BLOCK_JOB, vm.id, ("vdz", copy, libvirt.VIR_DOMAIN_BLOCK_JOB_READY))
+        disp(connection.BLOCK_THRESHOLD, vm.id, ("vdz", "/p", 1000, 5))
+
+        assert vm.drive("vda").threshold == 1000 and seen == []
+
+    def test_threshold_of_a_backing_node_keeps_the_leaf_threshold(self):
+        # "vda[3]" is a node below the leaf: the leaf's threshold is not spent.
+        vm = make_vm()
+        vm.drive("vda").threshold = 1000
+        seen = []
+        disp = events.Dispatcher({vm.id: vm}.get)
+        disp.threshold_hooks.append(lambda v, d, dev, *rest: seen.append(dev))
+
+        disp(connection.BLOCK_THRESHOLD, vm.id, ("vda[3]", "/p", 500, 1))
+
+        assert vm.drive("vda").threshold == 1000 and seen == ["vda[3]"]
 
 
 @pytest.mark.root

@@ -19,11 +19,12 @@ from typing import Any
 import libvirt
 import pytest
 
+from common import sizes
 from contrib.guest import verifier
 from storage import sd
 from tests.virt import conftest, lsm_env
 from virt import api as virt_api
-from virt import connection, errors, thinp
+from virt import connection, errors, events, thinp
 from virt import drive as drive_mod
 from virt import vm as vm_mod
 
@@ -46,12 +47,12 @@ def test_needs_extension_when_free_space_below_watermark():
     assert thinp.needs_extension(64 * MiB, 6 * MiB, 8 * MiB, mark)
     assert thinp.needs_extension(64 * MiB, 8 * MiB, 8 * MiB, mark)
     # At its maximum size (capacity * 1.1) nothing more can be given.
-    assert not thinp.needs_extension(64 * MiB, 70 * MiB, thinp.max_size(64 * MiB), mark)
+    assert not thinp.needs_extension(64 * MiB, 70 * MiB, sizes.cow_max_size(64 * MiB), mark)
 
 
 def test_next_size_grows_by_a_chunk_up_to_the_maximum():
     assert thinp.next_size(64 * MiB, 8 * MiB, 8 * MiB) == 16 * MiB
-    assert thinp.next_size(64 * MiB, 64 * MiB, 8 * MiB) == thinp.max_size(64 * MiB)
+    assert thinp.next_size(64 * MiB, 64 * MiB, 8 * MiB) == sizes.cow_max_size(64 * MiB)
     assert thinp.threshold(16 * MiB, 4 * MiB) == 12 * MiB
     assert thinp.threshold(2 * MiB, 4 * MiB) == 0
 
@@ -74,11 +75,15 @@ class FakeDomain:
         self.info = [capacity, allocation, physical]
         self.thresholds: list[int] = []
         self.resumed = 0
+        # Raised by setBlockThreshold when set (a QEMU without block thresholds).
+        self.threshold_error: libvirt.libvirtError | None = None
 
     def blockInfo(self, dev: str, flags: int = 0) -> list[int]:  # noqa: N802 (libvirt's name)
         return list(self.info)
 
     def setBlockThreshold(self, dev: str, value: int, flags: int = 0) -> int:  # noqa: N802
+        if self.threshold_error is not None:
+            raise self.threshold_error
         self.thresholds.append(value)
         return 0
 
@@ -236,6 +241,48 @@ def test_file_drives_are_not_watched():
     assert storage.calls == [] and dom.thresholds == [] and dom.resumed == 0
 
 
+def test_threshold_event_extends_without_waiting_for_the_poll():
+    dom = FakeDomain(64 * MiB, 1 * MiB, 8 * MiB)
+    vm = fake_vm(dom)
+    storage = FakeStorage(dom)
+    # A poll interval far beyond the test: only the event can wake the monitor.
+    config = thinp.Config(interval=600, utilization_percent=50, chunk_mb=CHUNK_MB)
+    mon = thinp.Monitor(storage, lambda: [vm], config)
+    disp = events.Dispatcher({vm.id: vm}.get)
+    disp.threshold_hooks.append(mon.on_threshold)
+    mon.start()
+    try:
+        conftest.wait_for(lambda: dom.thresholds == [4 * MiB], 10, "first threshold set")
+        dom.info[1] = 5 * MiB  # the guest wrote past it; libvirt fires once
+        disp(connection.BLOCK_THRESHOLD, vm.id, ("vda", "/dev/null", 4 * MiB, 1 * MiB))
+        conftest.wait_for(lambda: dom.thresholds[-1] == 12 * MiB, 10, "extended on the event")
+    finally:
+        mon.stop()
+
+    assert [c for c in storage.calls if c[0] == "extend"] == [("extend", "src", 16 * MiB)]
+    assert dom.info[2] == 16 * MiB and vm.drive("vda").threshold == 12 * MiB
+
+
+def test_without_block_thresholds_the_poll_still_extends():
+    dom = FakeDomain(64 * MiB, 1 * MiB, 8 * MiB)
+    error = libvirt.libvirtError("block threshold not supported")
+    error.err = (libvirt.VIR_ERR_OPERATION_UNSUPPORTED, libvirt.VIR_FROM_QEMU,
+                 "block threshold not supported", libvirt.VIR_ERR_ERROR, None, None, None, 0, 0)
+    dom.threshold_error = error
+    vm = fake_vm(dom)
+    storage = FakeStorage(dom)
+    mon = monitor(storage, [vm])
+
+    mon.check_all()
+    assert storage.calls == [] and vm.drive("vda").threshold == 0
+
+    dom.info[1] = 5 * MiB
+    mon.check_all()
+
+    assert [c for c in storage.calls if c[0] == "extend"] == [("extend", "src", 16 * MiB)]
+    assert dom.info[2] == 16 * MiB and dom.thresholds == []
+
+
 # Real guests
 
 
@@ -273,9 +320,7 @@ def make_thin_api(domains: list[str]) -> Iterator[Callable[[Any], virt_api.API]]
         config = virt_api.Config(
             libvirt_uri=conftest.URI,
             accel="tcg",
-            monitor_interval=INTERVAL,
-            utilization_percent=50,
-            chunk_mb=CHUNK_MB,
+            thinp=thinp.Config(interval=INTERVAL, utilization_percent=50, chunk_mb=CHUNK_MB),
         )
         a = virt_api.API(storage, config)
         a.start()
@@ -395,7 +440,7 @@ def test_replica_extended_before_source(make_thin_api, block_lsm, vm_params):
     for i, size in src_sizes:
         assert any(s == env.dst_sd_id and n >= size for s, _, n in during[:i]), during
     # The replica (prepared by the replication) never has less room than the source.
-    replica_size = thinp.device_size(env.dst_link_path(img, vol))
+    replica_size = sizes.device_size(env.dst_link_path(img, vol))
     assert replica_size >= disk_stats(api, g.vm_id)["apparentsize"] - CHUNK_MB * MiB
 
     env.sync(img, "INTERNAL")
@@ -448,6 +493,3 @@ def test_failed_extension_pauses_until_retry_succeeds(make_thin_api, block_lsm, 
         res = verifier.verify(g.serial_log, path, "qcow2")
     assert res.lost == 0, res.details[:5]
 
-
-def test_libvirt_has_set_block_threshold():
-    assert hasattr(libvirt.virDomain, "setBlockThreshold")
