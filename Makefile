@@ -13,9 +13,8 @@ guest: setup
 lint: setup
 	.venv/bin/ruff check .
 
-# storage/ is not clean yet; see [tool.mypy] in pyproject.toml.
 typecheck:
-	.venv/bin/mypy rpc vdsm_lsm virt
+	.venv/bin/mypy common rpc storage vdsm_lsm virt
 
 # The whole test suite against real libvirtd, QEMU, lvm2 and qemu-img.
 # contrib/run-checks starts (and afterwards stops) the services itself.
