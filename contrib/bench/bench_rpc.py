@@ -3,7 +3,10 @@
 Runs the real daemon (temp config) and, as the baseline measured in the same
 run, a bare threaded HTTP server that answers a constant JSON-RPC result:
 the ratio shows what schema validation, dispatch and logging cost on top of
-plain HTTP handling.
+plain HTTP handling. The same calls then go over STOMP (VDSM's wire
+protocol, on the same listeners) from a minimal synchronous client: one
+``SEND`` to ``jms.topic.vdsm_requests``, then wait for its ``MESSAGE``; the
+ratio of those rows is against the daemon's own HTTP row of the same run.
 
     .venv/bin/python -m contrib.bench.bench_rpc [--requests N]
 """
@@ -12,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import json
 import os
 import shutil
+import socket
 import socketserver
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from tests import daemon as daemon_mod
 from vdsm_lsm import client
@@ -56,7 +62,47 @@ class _TCPHTTPServer(socketserver.ThreadingTCPServer):
     request_queue_size = 128
 
 
-def _measure(make_client: Callable[[], client.Client], clients: int, requests: int):
+class _Caller(Protocol):
+    def call(self, method: str, **params: Any) -> Any: ...
+
+
+class _StompClient:
+    """Just enough STOMP 1.2 for synchronous calls: a frame out, a MESSAGE back."""
+
+    def __init__(self, socket_path: str | None = None, port: int | None = None) -> None:
+        if socket_path is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(socket_path)
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(60)
+        self._buf = b""
+        self._ids = 0
+        self.sock.sendall(b"CONNECT\naccept-version:1.2\nheart-beat:0,0\n\n\0"
+                          b"SUBSCRIBE\ndestination:jms.topic.vdsm_responses\nid:bench\n\n\0")
+        assert self._frame().startswith(b"CONNECTED")
+
+    def call(self, method: str, **params: Any) -> Any:
+        self._ids += 1
+        body = json.dumps({"jsonrpc": "2.0", "id": self._ids, "method": method,
+                           "params": params}).encode()
+        self.sock.sendall(b"SEND\ndestination:jms.topic.vdsm_requests\ncontent-length:%d\n\n"
+                          % len(body) + body + b"\0")
+        frame = self._frame()
+        return json.loads(frame[frame.index(b"\n\n") + 2:])["result"]
+
+    def _frame(self) -> bytes:
+        while b"\0" not in self._buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self._buf += data
+        frame, _, self._buf = self._buf.partition(b"\0")
+        return frame.lstrip(b"\n")
+
+
+def _measure(make_client: Callable[[], _Caller], clients: int, requests: int):
     per_client = requests // clients
     latencies: list[float] = []
     lock = threading.Lock()
@@ -108,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         assert d.proc is not None
         rss_idle = _rss_kib(d.proc.pid)
         rows = []
-        transports = {
+        transports: dict[str, tuple[Callable[[], _Caller], Callable[[], _Caller]]] = {
             "unix": (d.unix, lambda: client.Client(socket_path=base_path)),
             "tcp": (d.tcp, lambda: client.Client(host="127.0.0.1",
                                                  port=tcp_base.server_address[1])),
@@ -120,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
                 o = _measure(ours, clients, args.requests)
                 total += args.requests
                 rows.append((name, clients, o, b))
+        stomp_transports: dict[str, Callable[[], _Caller]] = {
+            "unix": lambda: _StompClient(socket_path=d.socket_path),
+            "tcp": lambda: _StompClient(port=d.port),
+        }
+        stomp_rows = []
+        for name, make in stomp_transports.items():
+            for clients in (1, 8):
+                o = _measure(make, clients, args.requests)
+                total += args.requests
+                http_row = next(r[2] for r in rows if r[0] == name and r[1] == clients)
+                stomp_rows.append((f"stomp-{name}", clients, o, http_row))
         while total < 10000:
             _measure(d.unix, 8, 2000)
             total += 2000
@@ -135,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, clients, (p50, p99, rps), (_, _, brps) in rows:
         print(f"{name:<9} {clients:>7} {p50:>8.2f} {p99:>8.2f} {rps:>8.0f} {brps:>10.0f} "
               f"{rps / brps:>6.2f}")
+    print()
+    print("Host.ping2 over STOMP 1.2 (vs the daemon's HTTP rows above, same run)")
+    print(f"{'transport':<10} {'clients':>6} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} "
+          f"{'HTTP req/s':>10} {'ratio':>6}")
+    for name, clients, (p50, p99, rps), (_, _, hrps) in stomp_rows:
+        print(f"{name:<10} {clients:>6} {p50:>8.2f} {p99:>8.2f} {rps:>8.0f} {hrps:>10.0f} "
+              f"{rps / hrps:>6.2f}")
     print(f"daemon RSS idle {rss_idle / 1024:.1f} MiB, after {total} requests "
           f"{rss_after / 1024:.1f} MiB")
     return 0

@@ -123,3 +123,32 @@ def test_unix_socket_mode(shared_daemon):
 def test_request_logged_with_method_duration_code(shared_daemon):
     shared_daemon.unix().call("Host.ping2")
     assert "Request method=Host.ping2 duration=" in shared_daemon.log()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc": "2.0", "method": "Host.ping2", "id": 1, "params": {"\xff\xfe": 1}}',
+        b"\xc3\x28",
+        b'{"jsonrpc": "2.0", "method": "Host.ping2", "id": 1, "params": {"a": '
+        + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+        b'{"jsonrpc": "2.0", "method": "Host.ping2", "id": 1, "params": {"a": '
+        + b"[" * 200 + b"]" * 200 + b"}}",
+        b'{"jsonrpc": "2.0", "method": "Host.ping2", "id": 1, "params": {"a": "\\udc80"}}',
+        b"",
+    ],
+)
+def test_bad_body_is_a_parse_error_never_a_server_error(rpc, body):
+    resp = rpc.post(body)
+    assert resp["error"]["code"] == -32700 and resp["id"] is None
+    assert rpc.call("Host.ping2") is True  # the connection and the daemon are fine
+
+
+def test_nesting_within_the_limit_is_not_a_parse_error(rpc):
+    params = {"storagedomainID": UUID}
+    nested: object = params
+    for _ in range(50):
+        nested = [nested]
+    with pytest.raises(client.ClientError) as e:
+        rpc.call("StorageDomain.getInfo", storagedomainID=nested)
+    assert e.value.code == -32602
