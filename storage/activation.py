@@ -17,13 +17,25 @@ Two modes (DESIGN section 6), chosen by :func:`open`:
 can be opened: the node may exist without the kernel driver).
 
 Loop mode state: each active LV has a small JSON file
-``<run_dir>/loop/<vg>/<lv>`` naming its loop device, the PV and the offset.
-It is written *before* the device is bound (so a crash cannot leak a device
-we don't know about) and checked against the kernel on every use, so a
-restarted daemon finds its devices again.  Devices are only ever taken over
-from this state, never found by backing alone: another "host" on the same
-kernel (network namespaces in tests) may map the same LV with its own
-device, and deactivating ours must not pull theirs away.
+``<run_dir>/loop/<vg>/<lv>`` naming its loop device, the PV, the offset
+and the owner tag.  It is written *before* the device is bound (so a crash
+cannot leak a device we don't know about) and checked against the kernel on
+every use, so a restarted daemon finds its devices again.  Devices are only
+ever taken over from this state or by their owner tag, never found by
+backing alone: another "host" on the same kernel (network namespaces in
+tests) may map the same LV with its own device, and deactivating ours must
+not pull theirs away.
+
+The owner tag (:attr:`LoopActivation.owner`, derived from this host's run
+dir) is written into each device's ``lo_file_name`` when it is bound
+(the kernel keeps it; ``losetup`` and sysfs still show the PV as the
+backing file).  It proves which host bound a device: a recorded device
+whose tag is not ours (the daemon died after recording a candidate device
+and before binding it, and another host bound that device since) is not
+ours, and a device with our tag over a PV that no state names (its state
+was lost) is ours (:mod:`storage.leftovers` adopts or releases those at
+start).  State written before the tag existed (no ``owner`` key) is trusted
+as before.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from __future__ import annotations
 import builtins
 import collections
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -118,6 +131,13 @@ class Activation:
         """Names of vg's LVs active on this host."""
         raise NotImplementedError
 
+    def deactivate_all(self, vg: str, pvs: builtins.list[str]) -> None:
+        """Release every device of vg this host holds (format, failed
+        create): its active LVs and, in loop mode, any device with this
+        host's tag over the PVs (one whose state was lost)."""
+        for name in self.active_lvs(vg):
+            self.deactivate(vg, name)
+
 
 class DMActivation(Activation):
     mode = "dm"
@@ -151,10 +171,13 @@ class DMActivation(Activation):
 class LoopActivation(Activation):
     mode = "loop"
 
-    def __init__(self, lvm_: lvm.LVM, run_dir: str, direct_io: bool = True) -> None:
+    def __init__(self, lvm_: lvm.LVM | None, run_dir: str, direct_io: bool = True) -> None:
+        """lvm_ None: an activation that can only find and release devices
+        (the LVs of a VG this host no longer knows)."""
         self.lvm = lvm_
         self.state_dir = os.path.join(run_dir, "loop")
         self.direct_io = direct_io
+        self.owner = owner_tag(run_dir)
 
     def activate(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> str:
         with self._lock(vg, lv):
@@ -163,7 +186,7 @@ class LoopActivation(Activation):
                 log.debug("LV already active vg=%s lv=%s dev=%s", vg, lv, dev)
                 return dev
             pv, offset, sizelimit = self._mapping(vg, lv, vg_state)
-            state = {"device": None, "backing": pv, "offset": offset}
+            state = {"device": None, "backing": pv, "offset": offset, "owner": self.owner}
 
             def record(candidate: str) -> None:
                 state["device"] = candidate
@@ -176,6 +199,7 @@ class LoopActivation(Activation):
                     sizelimit=sizelimit,
                     direct_io=self.direct_io,
                     on_device=record,
+                    name=self.owner,
                 )
             except errors.Error as e:
                 self._remove_state(vg, lv)
@@ -245,6 +269,68 @@ class LoopActivation(Activation):
             return []
         return [n for n in names if self.active_path(vg, n) is not None]
 
+    def deactivate_all(self, vg: str, pvs: builtins.list[str]) -> None:
+        super().deactivate_all(vg, pvs)
+        for st in self.tagged_devices(pvs):
+            log.warning("Releasing unrecorded loop device of this host vg=%s dev=%s", vg, st.device)
+            self.release_device(st.device)
+        self._remove_vg_dir(vg)
+
+    # Leftovers of a previous life of the daemon (storage.leftovers).
+
+    def recorded_vgs(self) -> builtins.list[str]:
+        """VGs with loop state in this host's run dir."""
+        try:
+            return sorted(n for n in os.listdir(self.state_dir) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def recorded_devices(self, vg: str) -> dict[str, str]:
+        """Device -> LV of vg's LVs active here (stale state dropped)."""
+        result = {}
+        for lv in self.active_lvs(vg):
+            dev = self.active_path(vg, lv)
+            if dev is not None:
+                result[dev] = lv
+        return result
+
+    def tagged_devices(self, pvs: builtins.list[str]) -> builtins.list[loop.Status]:
+        """Bound loop devices over any of pvs that carry this host's tag.
+
+        Matched by the backing's device and inode, not sysfs' path: a device
+        bound in another mount namespace shows a path relative to it.
+        """
+        found = []
+        for dev in loop.list():
+            st = loop.status(dev.name)
+            if st is None or st.file_name != self.owner or st.autoclear:
+                continue
+            if any(st.backed_by(pv) for pv in pvs):
+                found.append(st)
+        return found
+
+    def adopt(self, vg: str, lv: str, dev: str, pv: str, offset: int) -> bool:
+        """Record dev, bound by this host over pv at offset, as vg/lv's
+        device (its state was lost); False if vg/lv already has one."""
+        with self._lock(vg, lv):
+            if self._current(vg, lv) is not None:
+                return False
+            st = loop.status(dev)
+            if st is None or st.file_name != self.owner or st.offset != offset:
+                return False
+            self._write_state(vg, lv, {"device": dev, "backing": pv, "offset": offset,
+                                       "owner": self.owner})
+        log.info("Adopted loop device vg=%s lv=%s dev=%s", vg, lv, dev)
+        return True
+
+    def release_device(self, dev: str) -> None:
+        """Detach a device of this host that no LV state names."""
+        st = loop.status(dev)
+        if st is None or st.file_name != self.owner:
+            return
+        loop.detach(dev)
+        log.info("Released loop device dev=%s", dev)
+
     # Helpers
 
     def _mapping(
@@ -261,6 +347,8 @@ class LoopActivation(Activation):
         if st is not None and st.vg.name == vg and lv in st.lvs and st.current():
             layout = st.layout(lv)
         else:
+            if self.lvm is None:
+                raise errors.CannotActivateLogicalVolume(vg=vg, lv=lv, reason="VG not known")
             layout = self.lvm.lv_layout(vg, lv)
         segments = lvm_model.merged_segments(layout.segments)
         if len(segments) != 1:
@@ -284,6 +372,7 @@ class LoopActivation(Activation):
                 and not st.autoclear
                 and st.backed_by(state["backing"])
                 and st.offset == state["offset"]
+                and st.file_name == state.get("owner", st.file_name)
             ):
                 return dev
         log.info("Dropping stale loop state vg=%s lv=%s state=%s", vg, lv, state)
@@ -322,12 +411,30 @@ class LoopActivation(Activation):
             if e.errno != errno.ENOENT:
                 raise
 
+    def _remove_vg_dir(self, vg: str) -> None:
+        lvm_cmd.check_name(vg)
+        path = os.path.join(self.state_dir, vg)
+        try:
+            for name in os.listdir(path):
+                if name.startswith("."):
+                    os.unlink(os.path.join(path, name))  # a temp file of a crash
+            os.rmdir(path)
+        except OSError:
+            pass
+
     @contextmanager
     def _lock(self, vg: str, lv: str) -> Iterator[None]:
         with _lv_locks_guard:
             lock = _lv_locks[(self.state_dir, vg, lv)]
         with lock:
             yield
+
+
+def owner_tag(run_dir: str) -> str:
+    """The tag this host's run dir writes into its loop devices (63 bytes
+    at most: the kernel's lo_file_name)."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(run_dir))).hexdigest()
+    return f"vdsm-lsm:{digest[:32]}"
 
 
 def _dm_path(vg: str, lv: str) -> str:

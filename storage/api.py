@@ -25,7 +25,8 @@ The image verbs of live storage migration (``Image.cloneStructure``,
 ``syncData``, ``delete``) are another provider, :class:`storage.image_ops.ImageOps`,
 built on this one's narrow interface.
 
-State that survives a daemon restart: the domains this host knows
+State that survives a daemon restart: the storage this host is connected
+to (``<state_dir>/connections.json``), the domains it created
 (``<state_dir>/domains/``), the pool it is connected to
 (``<state_dir>/pool.json``; :meth:`recover` connects again), pool membership
 and SPM tasks on the storage itself.

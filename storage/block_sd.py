@@ -69,6 +69,9 @@ class BlockDomain(sd.StorageDomain):
     def lease_paths(self) -> tuple[str, str]:
         return self.manifest.special_path("ids"), self.manifest.special_path("leases")
 
+    def mailbox_paths(self) -> tuple[str, str]:
+        return self.manifest.special_path("inbox"), self.manifest.special_path("outbox")
+
     def task_store(self) -> tuple[str, Any]:
         device = self.manifest.special_path(block_manifest.MASTER_LV)
         store = master_store.MasterStore(device, self.env.oop)
@@ -76,8 +79,8 @@ class BlockDomain(sd.StorageDomain):
 
     def format(self) -> None:
         log.info("Formatting block domain sd=%s devices=%s", self.sd_id, self.manifest.devices)
-        for name in self.activation.active_lvs(self.vg):
-            self.activation.deactivate(self.vg, name)
+        # issue 13: also any device of this host over the PVs that no state names.
+        self.activation.deactivate_all(self.vg, self.manifest.devices)
         self.lvm.vgremove(self.vg)
         self.lvm.pvremove(self.manifest.devices)
 
@@ -215,7 +218,7 @@ def create(sd_id: str, devices: list[str], name: str, env: sd.Env) -> BlockDomai
         _create_special_lvs(dom)
         _write_initial_metadata(dom, name)
         ids, leases = dom.lease_paths()
-        clusterlock.init_domain(sd_id, ids, leases)
+        clusterlock.init_domain(sd_id, ids, leases, io_timeout=env.io_timeout)
     except BaseException as e:
         log.error("Cannot create block domain sd=%s: %s", sd_id, e)
         _undo_create(dom, created_vg)
@@ -259,8 +262,7 @@ def _write_initial_metadata(dom: BlockDomain, name: str) -> None:
 
 def _undo_create(dom: BlockDomain, created_vg: bool) -> None:
     try:
-        for name in dom.activation.active_lvs(dom.vg):
-            dom.activation.deactivate(dom.vg, name)
+        dom.activation.deactivate_all(dom.vg, dom.manifest.devices)  # issue 13
         if created_vg:
             dom.lvm.vgremove(dom.vg)
         dom.lvm.pvremove(dom.manifest.devices)

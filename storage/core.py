@@ -1,18 +1,31 @@
 """The storage provider's state and the narrow interface other packages use.
 
-:class:`StorageCore` holds what this host knows of storage: the domains
-(``cache``, remembered under ``<state_dir>/domains/``), the prepared
-volumes (``images``), the resource locks (``resources``), the pool it is
-connected to (``<state_dir>/pool.json``) and the job services and kinds
-its SPM tasks are built from (:mod:`storage.jobs`).  The verb groups
-(:mod:`storage.pool_verbs`, :mod:`storage.volume_verbs`) extend it and
-:class:`storage.api.StorageAPI` puts them together.
+:class:`StorageCore` holds what this host knows of storage: its
+connections to shared storage (``connections``, ``<state_dir>/connections.json``),
+the domains (``cache``: those it created, remembered under
+``<state_dir>/domains/``, and those it found on the connected storage),
+the prepared volumes (``images``), the resource locks (``resources``), the
+pool it is connected to (``<state_dir>/pool.json``) and the job services
+and kinds its SPM tasks are built from (:mod:`storage.jobs`).  The verb
+groups (:mod:`storage.pool_verbs`, :mod:`storage.volume_verbs`) extend it
+and :class:`storage.api.StorageAPI` puts them together.
 
-Besides the verbs, it offers what other packages ask of storage: virt
-(``storage_iface.Storage``) :meth:`prepare`/:meth:`teardown`,
-:meth:`extend`/:meth:`refresh`, ``volume_get_info`` and
-:meth:`set_volume_legality`; the image verbs (``image_ops.Storage``)
-``images``, :meth:`spm_domain`, :meth:`submit_job` and :meth:`task_state`.
+Besides the verbs, it offers what other packages ask of storage.  For virt
+(``virt/storage_iface.py``), in two parts:
+
+- the *host-side service*, which works on any host connected to the pool
+  and writes no metadata: :meth:`prepare`, :meth:`teardown`,
+  :meth:`refresh`, ``volume_get_info`` and :meth:`unsynced_volumes` ("is
+  this chain synced");
+- the *SPM-request path* (``spm_requests``, :mod:`storage.spm_requests`):
+  :meth:`is_spm`, :meth:`extend` and :meth:`set_volume_legality`, run
+  in-process when this host is the pool's SPM; else ``extend`` goes to the
+  SPM through the storage mailbox (:mod:`storage.mailbox`, settings
+  ``mailbox``) and ``set_volume_legality`` is refused with
+  ``SpmRequestUnavailable``.
+
+For the image verbs (``image_ops.Storage``): ``images``,
+:meth:`spm_domain`, :meth:`submit_job` and :meth:`task_state`.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import threading
 from typing import Any
 
 from storage import (
+    connections,
     domain_types,
     errors,
     extend,
@@ -33,9 +47,11 @@ from storage import (
     resource,
     sd,
     sd_registry,
+    spm_requests,
     task,
     volume,
 )
+from storage import mailbox as mailbox_mod
 from storage import pool as storage_pool
 
 log = logging.getLogger("storage.core")
@@ -47,7 +63,9 @@ class StorageCore:
     """State shared by the storage verbs.  Plain values in, no config object.
 
     chunk_mb: [irs] volume_utilization_chunk_mb; copy_rate_limit_mb: [irs]
-    copy_rate_limit_mb (Image.syncData's qemu-img rate limit, 0: none).
+    copy_rate_limit_mb (Image.syncData's qemu-img rate limit, 0: none);
+    io_timeout: [sanlock] io_timeout (new lockspaces, add_lockspace);
+    mailbox: the storage mailbox's timing ([mailbox]; default: its defaults).
     """
 
     def __init__(
@@ -64,6 +82,8 @@ class StorageCore:
         block_extent_size_mb: int = 128,
         resource_timeout: float = resource.DEFAULT_TIMEOUT,
         copy_rate_limit_mb: int = 0,
+        io_timeout: int = 10,
+        mailbox: mailbox_mod.Settings | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.state_dir = state_dir or os.path.join(run_dir, "state")
@@ -79,15 +99,22 @@ class StorageCore:
             activation_mode=activation_mode,
             chunk_size=self.chunk_size,
             extent_size_mb=block_extent_size_mb,
+            io_timeout=io_timeout,
         )
+        self.connections = connections.Connections(self.state_dir, self.env)
         self.cache = sd_registry.DomainCache(
             sd_registry.Registry(self.state_dir),
             self.env,
             domain_types.openers(),
+            locate=self.connections.locate,
         )
         self.images = image.ImageManager(run_dir)
         self.resources = resource.Manager()
         self.extender = extend.Extender(self.cache.get)
+        self.spm_requests = spm_requests.SpmRequests(self.pool, self.extender)
+        # What every pool's storage mailbox runs with (storage.pool_mailbox).
+        self.mailbox_services = mailbox_mod.Services(
+            mailbox or mailbox_mod.Settings(), self.spm_requests.extend_in_process)
         self.host_state = storage_pool.HostState(self.state_dir)
         self.job_services = job.Services(
             domains=self.cache.get,
@@ -178,23 +205,40 @@ class StorageCore:
         with self.lock_image(sd_id, img_id, resource.SHARED):
             self.images.teardown(dom, img_id, vol_id)
 
-    def extend(self, pool_id: str, sd_id: str, img_id: str, vol_id: str, new_size: int) -> int:
-        """SPM: grow a thin block volume to new_size bytes; returns its size."""
-        self.spm_pool(pool_id).get_domain(sd_id)
-        return self.extender.extend(sd_id, img_id, vol_id, new_size)
-
     def refresh(self, pool_id: str, sd_id: str, img_id: str, vol_id: str) -> int:
-        """HSM: make the local device follow an extended volume; returns its size."""
+        """Any host: make this host's device follow an extended volume (read
+        from the storage now, so another host's lvextend is seen); its size."""
         self.domain(pool_id, sd_id)
         return self.extender.refresh(sd_id, img_id, vol_id)
+
+    def unsynced_volumes(
+        self, pool_id: str, sd_id: str, img_id: str, vol_id: str
+    ) -> list[dict[str, str]]:
+        """Any host: the volumes below vol_id in its chain that are not LEGAL,
+        base first, as [{"volumeID", "legality"}]; empty: the chain under
+        vol_id is synced (a pivot onto vol_id may go ahead)."""
+        dom = self.domain(pool_id, sd_id)
+        with dom.manifest.reading():
+            vols = image.chain(dom.manifest, img_id, vol_id)
+        return [
+            {"volumeID": v, "legality": md.legality}
+            for v, md in vols[:-1]
+            if md.legality != volume.LEGAL
+        ]
+
+    # The SPM-request path (storage.spm_requests).
+
+    def is_spm(self, pool_id: str) -> bool:
+        """Whether this host is the pool's SPM now (SPM requests run in-process)."""
+        return self.spm_requests.is_spm(pool_id)
+
+    def extend(self, pool_id: str, sd_id: str, img_id: str, vol_id: str, new_size: int) -> int:
+        """SPM request: grow a thin block volume to new_size bytes; its size."""
+        return self.spm_requests.extend(pool_id, sd_id, img_id, vol_id, new_size)
 
     def set_volume_legality(
         self, pool_id: str, sd_id: str, img_id: str, vol_id: str, legal: bool
     ) -> None:
-        """Mark a volume LEGAL or ILLEGAL (the pivot of a replication marks the
-        destination leaf LEGAL); same metadata path as Image.syncData's."""
-        dom = self.domain(pool_id, sd_id)
-        legality = volume.LEGAL if legal else volume.ILLEGAL
-        with dom.manifest.lock:
-            if dom.manifest.read_volume_metadata(img_id, vol_id).legality != legality:
-                dom.manifest.volume(img_id, vol_id).set_legality(legality)
+        """SPM request: mark a volume LEGAL or ILLEGAL (the pivot of a
+        replication marks the destination leaf LEGAL)."""
+        self.spm_requests.set_volume_legality(pool_id, sd_id, img_id, vol_id, legal)

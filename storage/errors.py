@@ -395,6 +395,40 @@ class SpmStopError(Error):
     msg = "Cannot stop SPM of pool {pool_id}: unfinished tasks {tasks}"
 
 
+class SpmRequestUnavailable(Error):
+    """A request only the SPM may carry out (extend, set legality) on a host
+    that is not SPM: no path to the SPM exists yet (the storage mailbox)."""
+
+    name = "SpmRequestUnavailable"
+    msg = "Cannot {request} on pool {pool_id}: this host is not SPM and cannot reach it"
+
+
+# Storage server connections (storage/connections.py, discovery.py).
+
+
+class InvalidConnectionParams(Error):
+    """connectionParams that are not [{id (a UUID), connection}]; answered as
+    invalid params (-32602), like the schema's own check."""
+
+    name = "InvalidParams"
+    msg = "Invalid connectionParams: {value!r}"
+
+
+class StorageServerConnectionError(Error):
+    name = "StorageServerConnectionError"
+    msg = "Cannot connect to {connection}"
+
+
+class StorageServerDisconnectionError(Error):
+    name = "StorageServerDisconnectionError"
+    msg = "Cannot disconnect from {connection}"
+
+
+class StorageServerValidationError(Error):
+    name = "StorageServerValidationError"
+    msg = "Not a usable {domain_type} connection: {connection!r}"
+
+
 # Image.cloneStructure, Image.syncData, Image.delete (storage/clone.py,
 # sync.py, image_delete.py, image_ops.py).
 

@@ -140,6 +140,9 @@ class FileDomain(sd.StorageDomain):
     def lease_paths(self) -> tuple[str, str]:
         return self.manifest.md_path("ids"), self.manifest.md_path("leases")
 
+    def mailbox_paths(self) -> tuple[str, str]:
+        return self.manifest.md_path("inbox"), self.manifest.md_path("outbox")
+
     def task_store(self) -> tuple[str, Any]:
         return os.path.join(self.manifest.root, MASTER_TASKS), self.oop
 
@@ -246,7 +249,8 @@ def create(sd_id: str, path: str, name: str, env: sd.Env) -> FileDomain:
         }
         ops.write_file_atomic(os.path.join(tmp, DOM_MD, "metadata"), sd.dump_metadata(fields))
         clusterlock.init_domain(
-            sd_id, os.path.join(tmp, DOM_MD, "ids"), os.path.join(tmp, DOM_MD, "leases")
+            sd_id, os.path.join(tmp, DOM_MD, "ids"), os.path.join(tmp, DOM_MD, "leases"),
+            io_timeout=env.io_timeout,
         )
         ops.rename(tmp, root)
     except OSError as e:

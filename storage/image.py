@@ -15,7 +15,12 @@ share a base) never tear it down under each other; the last teardown
 deactivates the volume and removes its link.
 
 Reference counts live in memory: after a daemon restart the users
-re-prepare what they use (the VM recovery does this for running VMs).
+re-prepare what they use (the VM recovery does this for running VMs); a
+prepare finds the link and the active LV its previous life left and takes
+them over.  Whatever is still unreferenced once recovery is done was left
+by users that are gone: :meth:`ImageManager.release_leftovers` (called by
+:mod:`storage.leftovers` at daemon start) removes those links and
+deactivates their volumes.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from common import uuids
 from storage import errors, sd, volume
 
 log = logging.getLogger("storage.image")
@@ -221,6 +227,55 @@ class ImageManager:
         with self._lock:
             return self._refs[(sd_id, img_id, vol_id)]
 
+    # A previous life's prepares.
+
+    def links(self) -> list[tuple[str, str, str]]:
+        """(sd, img, vol) of every prepare link under the run dir, held or not."""
+        found = []
+        for sd_id in _uuid_entries(self.root):
+            for img_id in _uuid_entries(os.path.join(self.root, sd_id)):
+                for vol_id in _uuid_entries(os.path.join(self.root, sd_id, img_id)):
+                    if os.path.islink(self.link_path(sd_id, img_id, vol_id)):
+                        found.append((sd_id, img_id, vol_id))
+        return found
+
+    def release_leftovers(
+        self,
+        domain_of: Callable[[str], sd.StorageDomain | None],
+        busy: Callable[[str], bool] = lambda target: False,
+    ) -> list[tuple[str, str, str]]:
+        """Remove every link that holds no reference, deactivating its
+        volume (domain_of(sd_id) gives the domain, None if this host no
+        longer knows it: the link only is removed); returns what was released.
+        A link whose target busy(target) says some process holds open is
+        kept (and logged).
+
+        Run at daemon start, after recovery re-prepared what is in use.
+        """
+        released = []
+        for sd_id, img_id, vol_id in self.links():
+            dom = domain_of(sd_id)
+            with self._image_lock(sd_id, img_id):
+                if self.refs(sd_id, img_id, vol_id) > 0:
+                    continue
+                target = os.path.realpath(self.link_path(sd_id, img_id, vol_id))
+                if busy(target):
+                    log.warning("Leftover prepare still open, kept sd=%s img=%s vol=%s path=%s",
+                                sd_id, img_id, vol_id, target)
+                    continue
+                try:
+                    self._unlink(sd_id, img_id, vol_id)
+                    if dom is not None:
+                        dom.deactivate_volume(img_id, vol_id)
+                except Exception:
+                    log.exception("Cannot release leftover prepare sd=%s img=%s vol=%s",
+                                  sd_id, img_id, vol_id)
+                    continue
+            log.info("Released leftover prepare sd=%s img=%s vol=%s", sd_id, img_id, vol_id)
+            released.append((sd_id, img_id, vol_id))
+        self._remove_stray(released)
+        return released
+
     # Internals.
 
     def _image_lock(self, sd_id: str, img_id: str) -> threading.Lock:
@@ -259,6 +314,26 @@ class ImageManager:
         os.symlink(target, tmp)
         os.replace(tmp, link)
 
+    def _remove_stray(self, released: list[tuple[str, str, str]]) -> None:
+        """Temp links of a crashed _link and empty directories of released images."""
+        for sd_id, img_id in sorted({(s, i) for s, i, _ in released}):
+            path = self.image_dir(sd_id, img_id)
+            try:
+                names = os.listdir(path)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.endswith(".tmp") and uuids.is_canonical(name[: -len(".tmp")]):
+                    try:
+                        os.unlink(os.path.join(path, name))
+                    except FileNotFoundError:
+                        pass
+            for leftover in (path, os.path.join(self.root, sd_id)):
+                try:
+                    os.rmdir(leftover)
+                except OSError:
+                    break
+
     def _unlink(self, sd_id: str, img_id: str, vol_id: str) -> None:
         try:
             os.unlink(self.link_path(sd_id, img_id, vol_id))
@@ -269,3 +344,11 @@ class ImageManager:
                 os.rmdir(path)
             except OSError:
                 break
+
+
+def _uuid_entries(path: str) -> list[str]:
+    """Names in path that are canonical UUIDs (anything else is not ours)."""
+    try:
+        return sorted(n for n in os.listdir(path) if uuids.is_canonical(n))
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -108,8 +108,20 @@ class ImageOps:
         )
         return task_id
 
-    def image_delete(self, image_id: str, storagepool_id: str, storagedomain_id: str) -> str:
-        """SPM task: remove every volume of the image (refused while prepared)."""
+    def image_delete(
+        self,
+        image_id: str,
+        storagepool_id: str,
+        storagedomain_id: str,
+        post_zero: bool = False,
+        force: bool = False,
+        discard: bool = False,
+    ) -> str:
+        """SPM task: remove every volume of the image (refused while prepared).
+
+        VDSM's post_zero, force and discard are ignored: volumes are removed,
+        not zeroed or discarded, and an image in use is refused whatever force
+        says."""
         dom = self.storage.spm_domain(storagepool_id, storagedomain_id)
         image_delete.validate(dom, image_id, self.storage.images)
         params = image_delete.make_params(storagedomain_id, image_id)

@@ -75,7 +75,8 @@ _ATTACH_ATTEMPTS = 16
 _STATUS_ATTEMPTS = 20
 _NODE_WAIT = 2.0
 
-_DEV_RE = re.compile(r"^/dev/loop(\d+)$")
+# fullmatch: "$" would accept "/dev/loop0\n"; [0-9]: \d matches any Unicode digit.
+_DEV_RE = re.compile(r"/dev/loop[0-9]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,20 +132,27 @@ def attach(
     read_only: bool = False,
     direct_io: bool = False,
     on_device: Callable[[str], None] | None = None,
+    name: str | None = None,
 ) -> str:
     """Bind a free loop device to path[offset:offset+sizelimit]; return it.
 
     sizelimit 0 means up to the end of path.  on_device(dev) is called with
     each candidate device before it is bound (it may be called again with
-    another device if a concurrent attach wins the race).
+    another device if a concurrent attach wins the race).  name is kept by
+    the kernel as the device's ``lo_file_name`` (:attr:`Status.file_name`;
+    at most 63 bytes), path when not given: a tag its owner finds it by.
     """
     if offset < 0 or sizelimit < 0:
         raise ValueError(f"Invalid offset={offset} sizelimit={sizelimit}")
     flags = LO_FLAGS_READ_ONLY if read_only else 0
     if direct_io:
         flags |= LO_FLAGS_DIRECT_IO
-    name = os.fsencode(path)[: LO_NAME_SIZE - 1]
-    info = _LOOP_INFO64.pack(0, 0, 0, offset, sizelimit, 0, 0, 0, flags, name, b"", b"", 0, 0)
+    if name is not None and len(os.fsencode(name)) >= LO_NAME_SIZE:
+        raise ValueError(f"Loop device name longer than {LO_NAME_SIZE - 1} bytes: {name!r}")
+    file_name = os.fsencode(path if name is None else name)[: LO_NAME_SIZE - 1]
+    info = _LOOP_INFO64.pack(
+        0, 0, 0, offset, sizelimit, 0, 0, 0, flags, file_name, b"", b"", 0, 0
+    )
     mode = os.O_RDONLY if read_only else os.O_RDWR
     backing_fd = _open(path, mode | os.O_CLOEXEC)
     try:
@@ -317,7 +325,7 @@ def _error(dev: str, op: str, e: OSError) -> errors.LoopDeviceError:
 
 
 def _check_name(dev: str) -> None:
-    if not _DEV_RE.match(dev):
+    if not isinstance(dev, str) or not _DEV_RE.fullmatch(dev):
         raise ValueError(f"Not a loop device path: {dev!r}")
 
 

@@ -36,9 +36,10 @@ ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
 DEFAULT_TIMEOUT = 120.0
 
 # Device paths allowed in a filter: they go into a regex inside a quoted
-# config string, so keep them plain.
-_DEVICE_RE = re.compile(r"^/dev/[A-Za-z0-9_./:+-]+$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_+.-]+$")
+# config string, so keep them plain.  Matched with fullmatch ("$" would
+# accept a trailing newline).
+_DEVICE_RE = re.compile(r"/dev/[A-Za-z0-9_./:+-]+")
+_NAME_RE = re.compile(r"[A-Za-z0-9_+.-]+")
 
 # stderr lines lvm2 prints on every command in metadata-only mode, or that
 # only repeat our own choices; they are dropped from error messages.
@@ -144,12 +145,12 @@ def generation(vg: str) -> int:
 
 
 def check_device(dev: str) -> None:
-    if not _DEVICE_RE.match(dev):
+    if not _DEVICE_RE.fullmatch(dev):
         raise ValueError(f"Unsupported device path for an LVM filter: {dev!r}")
 
 
 def check_name(name: str) -> None:
-    if not _NAME_RE.match(name) or name.startswith("-"):
+    if not _NAME_RE.fullmatch(name) or name.startswith("-"):
         raise ValueError(f"Invalid LVM name: {name!r}")
 
 

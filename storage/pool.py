@@ -18,22 +18,39 @@ host id, master) is kept in ``<state_dir>/pool.json``.
 The SPM role: :meth:`Pool.spm_start` takes the cluster lock (the SPM lease
 on the master domain: sanlock, or the local fcntl lock on hosts without
 the sanlock daemon), records the owner in the master metadata and starts a
-task manager that first recovers the tasks a previous SPM left.  Verbs that
+task manager that first recovers the tasks a previous SPM left.  With
+sanlock a connected host holds its host id on the master from connect to
+disconnect, and the SPM's lease is watched: a host that loses it stops
+acting as SPM at once (:mod:`storage.pool_lease`).  Verbs that
 change volumes call :meth:`Pool.assert_spm`.  The task manager knows the job
 kinds the pool was made with (``job_kinds``: storage.jobs' table, bound to
 the provider's services), fixed for the pool's life.
+
+The storage mailbox (:mod:`storage.pool_mailbox`) follows the pool: this
+host's client from connect to disconnect, the SPM's thread from spmStart
+to spmStop (fenced when the lease is lost).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from storage import clusterlock, errors, sd, sd_registry, task, task_manager
+from storage import (
+    errors,
+    mailbox,
+    pool_lease,
+    pool_mailbox,
+    sd,
+    sd_registry,
+    task,
+    task_manager,
+)
 
 log = logging.getLogger("storage.pool")
 
@@ -58,9 +75,11 @@ def format_domains(domains: dict[str, str]) -> str:
 
 
 def create(
-    cache: sd_registry.DomainCache, pool_id: str, name: str, master_id: str, domain_list: list[str]
+    cache: sd_registry.DomainCache, pool_id: str, name: str, master_id: str, domain_list: list[str],
+    master_version: int = 1,
 ) -> None:
-    """Write a new pool into its domains' metadata (no connection)."""
+    """Write a new pool into its domains' metadata (no connection); the
+    master's MASTER_VERSION is master_version (VDSM's masterVersion)."""
     if master_id not in domain_list:
         raise errors.StoragePoolCreationError(
             pool_id=pool_id, reason=f"master domain {master_id} is not in the domain list"
@@ -84,7 +103,7 @@ def create(
                     sd.ROLE: sd.MASTER,
                     sd.POOL_DESCRIPTION: name,
                     sd.POOL_DOMAINS: format_domains({d: ACTIVE for d in domains}),
-                    sd.MASTER_VERSION: "1",
+                    sd.MASTER_VERSION: str(master_version),
                     sd.POOL_SPM_ID: "-1",
                     sd.POOL_SPM_LVER: "-1",
                 })
@@ -147,6 +166,8 @@ class Pool:
         cluster_lock_mode: str = "auto",
         task_workers: int = task.DEFAULT_WORKERS,
         job_kinds: Mapping[str, task.JobKind] | None = None,
+        task_finished: Callable[[dict[str, Any]], None] | None = None,
+        mailbox_services: mailbox.Services | None = None,
     ) -> None:
         self.cache = cache
         self.pool_id = pool_id
@@ -155,42 +176,69 @@ class Pool:
         self.cluster_lock_mode = cluster_lock_mode
         self.task_workers = task_workers
         self.job_kinds: Mapping[str, task.JobKind] = job_kinds or {}
+        # Told of every SPM task that finishes (TaskManager's on_finished).
+        self.task_finished = task_finished
         self.tasks: task_manager.TaskManager | None = None
         self._lock = threading.RLock()
-        self._cluster_lock: clusterlock.ClusterLock | None = None
+        # The master's host id (connect to disconnect) and SPM lease.
+        self.lease = pool_lease.PoolLease(
+            cluster_lock_mode, master_id, lambda: self.master().lease_paths(), host_id,
+            cache.env.io_timeout, name=f"pool {pool_id}")
+        self._contending = False
         self._spm_lver = -1
+        self.mailbox = pool_mailbox.PoolMailbox(
+            pool_id, host_id, lambda: self.master().mailbox_paths(), mailbox_services)
 
     # Connection.
 
     def connect(self) -> None:
-        """Check the master and open every attached domain."""
+        """Find the master, check it, open the domains of its POOL_DOMAINS
+        (made here or found on the connected storage: the domain cache); one
+        not found is logged and Inaccessible in :meth:`info`, as in VDSM."""
         try:
             master = self.cache.get(self.master_id)
-        except errors.StorageDomainDoesNotExist as e:
+            master.open()
+            md = master.manifest.read_metadata()
+        except (errors.StorageDomainDoesNotExist, errors.StorageDomainMetadataNotFound) as e:
+            self._close_domains([self.master_id])
             raise errors.StoragePoolMasterNotFound(
-                pool_id=self.pool_id, sd_id=self.master_id
+                str(e), pool_id=self.pool_id, sd_id=self.master_id
             ) from e
-        master.open()
-        md = master.manifest.read_metadata()
         if md.get(sd.POOL_UUID) != self.pool_id or md.get(sd.ROLE) != sd.MASTER:
+            self._close_domains([self.master_id])
             raise errors.StoragePoolWrongMaster(pool_id=self.pool_id, sd_id=self.master_id)
-        for sd_id in self.domains():
+        for sd_id in parse_domains(md.get(sd.POOL_DOMAINS, "")):
             try:
                 self.cache.get(sd_id).open()
             except errors.Error as e:
                 log.error("Cannot open domain sd=%s of pool=%s: %s", sd_id, self.pool_id, e)
+        self.lease.join()
+        self.mailbox.connect()
         log.info("Connected pool=%s host_id=%d master=%s", self.pool_id, self.host_id,
                  self.master_id)
 
     def disconnect(self) -> None:
-        """Stop SPM and close the domains (block: deactivate special LVs)."""
+        """Stop SPM, close the domains (block: deactivate special LVs) and
+        forget those learned from the connected storage."""
         self.spm_stop()
-        for sd_id in self.domains():
+        self.mailbox.disconnect()
+        self.lease.leave()
+        try:
+            domains = [d for d in self.domains() if d != self.master_id]
+        except errors.Error as e:  # the master is gone: close what can be
+            log.error("Cannot read the domains of pool=%s: %s", self.pool_id, e)
+            domains = []
+        self._close_domains(domains + [self.master_id])
+        log.info("Disconnected pool=%s", self.pool_id)
+
+    def _close_domains(self, sd_ids: list[str]) -> None:
+        """Close the domains (master last) and forget those learned."""
+        for sd_id in sd_ids:
             try:
                 self.cache.get(sd_id).close()
             except errors.Error as e:
                 log.error("Cannot close domain sd=%s: %s", sd_id, e)
-        log.info("Disconnected pool=%s", self.pool_id)
+            self.cache.forget_learned(sd_id)
 
     # Pool metadata.
 
@@ -291,6 +339,8 @@ class Pool:
                 for task_id in list(self.tasks.all_info()):
                     self.tasks.clear(task_id)
             self.spm_stop()
+            self.mailbox.disconnect()
+            self.lease.leave()
             for sd_id in domains:
                 if sd_id == self.master_id:
                     continue
@@ -299,11 +349,7 @@ class Pool:
                 except errors.Error as e:
                     log.error("Cannot detach domain sd=%s: %s", sd_id, e)
             _release_domain(self.master())
-            for sd_id in domains:
-                try:
-                    self.cache.get(sd_id).close()
-                except errors.Error as e:
-                    log.error("Cannot close domain sd=%s: %s", sd_id, e)
+            self._close_domains([d for d in domains if d != self.master_id] + [self.master_id])
         log.info("Destroyed pool=%s", self.pool_id)
 
     # SPM.
@@ -322,71 +368,91 @@ class Pool:
         return tasks
 
     def spm_start(self) -> None:
+        """Take the SPM lease (waiting for this host's id), record it in the
+        master metadata, start the task manager (recovering what a previous
+        SPM left) and watch the lease.  AcquireLockFailure while another
+        host holds it."""
         with self._lock:
             if self.is_spm():
                 return
             master = self.master()
-            ids, leases = master.lease_paths()
-            lock = clusterlock.open(self.cluster_lock_mode, self.master_id, ids, leases)
-            lock.acquire(self.host_id)
+            self._contending = True
             try:
-                _, lver = lock.inquire()
-                master.manifest.update_metadata(
-                    {sd.POOL_SPM_ID: str(self.host_id), sd.POOL_SPM_LVER: str(lver)}
-                )
-                manager = self._task_manager(master)
-                self.tasks = manager
-                recovered = manager.recover()
-            except BaseException:
-                self.tasks = None
-                lock.release()
-                raise
-            self._cluster_lock = lock
-            self._spm_lver = lver
+                lver = self.lease.acquire()
+                try:
+                    master.manifest.update_metadata(
+                        {sd.POOL_SPM_ID: str(self.host_id), sd.POOL_SPM_LVER: str(lver)}
+                    )
+                    manager = self._task_manager(master)
+                    self.lease.watch(functools.partial(self._lease_lost, manager))
+                    self._spm_lver = lver
+                    self.tasks = manager
+                    self.mailbox.spm_start()  # serves requests while tasks recover
+                    recovered = manager.recover()
+                except BaseException:
+                    self.tasks = None
+                    self.mailbox.spm_stop(fence=True)
+                    self.lease.release()
+                    raise
+            finally:
+                self._contending = False
         log.info("Became SPM pool=%s host_id=%d lver=%d lock=%s recovered_tasks=%s",
-                 self.pool_id, self.host_id, lver, lock.name, recovered)
+                 self.pool_id, self.host_id, lver, self.lease.lock.name, recovered)
 
     def spm_stop(self) -> None:
         with self._lock:
             if not self.is_spm():
                 return
             self._check_no_tasks()
+            self.mailbox.spm_stop()  # running extensions answered first
             assert self.tasks is not None
             self.tasks.detach()
             self.tasks = None
+            self.lease.unwatch()  # before the metadata and the release
             try:
                 self.master().manifest.update_metadata({sd.POOL_SPM_ID: "-1"})
             except errors.Error as e:
                 log.error("Cannot clear SPM id of pool=%s: %s", self.pool_id, e)
-            if self._cluster_lock is not None:
-                self._cluster_lock.release()
-                self._cluster_lock = None
+            self.lease.release()
         log.info("Stopped SPM pool=%s", self.pool_id)
 
     def shutdown(self) -> None:
         """Daemon stop: running tasks finish, queued ones stay persisted for
-        the next SPM, the SPM lease is released."""
+        the next SPM, the SPM lease is released (the host id stays with the
+        sanlock daemon: a restarted daemon finds it at once)."""
         with self._lock:
+            self.mailbox.spm_stop()
+            self.mailbox.disconnect(clear=False)
             if self.tasks is not None:
                 self.tasks.shutdown(wait=True)
                 self.tasks = None
-            if self._cluster_lock is not None:
-                self._cluster_lock.release()
-                self._cluster_lock = None
+            self.lease.release()
 
     def spm_status(self) -> dict[str, Any]:
+        """This host's role; spmId/spmLver read from the lease on the storage
+        (the same on every host)."""
         if self.is_spm():
             return {"spmStatus": SPM, "spmId": self.host_id, "spmLver": self._spm_lver}
-        master = self.master()
-        ids, leases = master.lease_paths()
+        status = CONTEND if self._contending else FREE
         try:
-            owner, lver = clusterlock.open(
-                self.cluster_lock_mode, self.master_id, ids, leases
-            ).inquire()
+            owner, lver = self.lease.inquire()
         except errors.Error as e:
             log.warning("Cannot inquire SPM lease of pool=%s: %s", self.pool_id, e)
             owner, lver = 0, -1
-        return {"spmStatus": FREE, "spmId": owner or -1, "spmLver": lver}
+        return {"spmStatus": status, "spmId": owner or -1, "spmLver": lver}
+
+    def _lease_lost(self, manager: task_manager.TaskManager, reason: str) -> None:
+        """The lease monitor's thread, once the lease is gone: stop acting as
+        SPM at once, without the pool lock (a verb may hold it) and without
+        writing to the storage (another host may be SPM soon)."""
+        if self.tasks is manager:
+            self.tasks = None  # every SPM verb answers SpmStatusError from now on
+        self.mailbox.spm_stop(fence=True)
+        manager.fence()
+        self.lease.drop()
+        log.critical("No longer SPM of pool=%s host_id=%d: the SPM lease is lost (%s); "
+                     "unfinished tasks are left on the master for the next SPM",
+                     self.pool_id, self.host_id, reason)
 
     def _check_no_tasks(self) -> None:
         if self.tasks is not None:
@@ -397,5 +463,6 @@ class Pool:
     def _task_manager(self, master: sd.StorageDomain) -> task_manager.TaskManager:
         store_dir, files = master.task_store()
         return task_manager.TaskManager(
-            workers=self.task_workers, store_dir=store_dir, files=files, kinds=self.job_kinds
+            workers=self.task_workers, store_dir=store_dir, files=files, kinds=self.job_kinds,
+            on_finished=self.task_finished,
         )

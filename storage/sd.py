@@ -104,6 +104,8 @@ class Env:
     activation_mode: str = "auto"
     chunk_size: int = 2560 * 1024**2
     extent_size_mb: int = 128
+    # sanlock's I/O timeout written into new domains' lockspaces ([sanlock] io_timeout).
+    io_timeout: int = 10
 
 
 class Images(Protocol):
@@ -271,6 +273,10 @@ class StorageDomain:
 
     def lease_paths(self) -> tuple[str, str]:
         """(ids, leases) paths for the cluster lock."""
+        raise NotImplementedError
+
+    def mailbox_paths(self) -> tuple[str, str]:
+        """(inbox, outbox) paths of the storage mailbox (storage.mailbox)."""
         raise NotImplementedError
 
     def task_store(self) -> tuple[str, Any]:

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from common import errors as common_errors
@@ -40,6 +40,9 @@ class TaskManager:
     ``store_dir``: where tasks are persisted (None: memory only).
     ``files``: the FileOps used for the store (an oop.Pool on shared
     storage; default in-process).
+    ``on_finished``: called with the status of every task that finishes
+    here (Task.getStatus' shape; the daemon pushes it as an event), in the
+    thread that finished it; its failure is logged.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class TaskManager:
         files: oop.FileOps | None = None,
         progress_interval: float = task.PROGRESS_SAVE_INTERVAL,
         kinds: Mapping[str, task.JobKind] | None = None,
+        on_finished: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1: {workers}")
@@ -63,6 +67,8 @@ class TaskManager:
         self._threads: list[threading.Thread] = []
         self._accepting = True
         self._closing = False
+        self._fenced = False
+        self.on_finished = on_finished
 
     # Submission.
 
@@ -149,6 +155,7 @@ class TaskManager:
         if state == task.INIT:
             with self._cond:
                 self._cond.notify_all()
+            self._finished(found)
 
     def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait until the task is finished; its status. TimeoutError if not in time."""
@@ -218,6 +225,21 @@ class TaskManager:
                 t.join()
         log.info("Task manager shut down wait=%s abort=%s", wait, abort)
 
+    def fence(self) -> None:
+        """The SPM lease is lost: touch the storage no more.  Nothing new
+        runs, running jobs are aborted without rollback and no state is
+        saved, so the records stay as they were for the next SPM."""
+        with self._cond:
+            self._accepting = False
+            self._closing = True
+            self._fenced = True
+            threads = list(self._threads)
+        for current in self._all():
+            current.aborted.set()
+        for _ in threads:
+            self._queue.put(None)
+        log.warning("Task manager fenced: tasks %s left for the next SPM", self.unfinished())
+
     def detach(self) -> None:
         """For spmStop: stop accepting tasks, wait for running ones, and
         forget all tasks; their files stay for the next SPM to recover."""
@@ -283,6 +305,9 @@ class TaskManager:
             self._finish(current, task.SUCCESS, "", "", progress=100)
 
     def _fail(self, current: task.Task, ctx: task.Context, error: Exception) -> None:
+        if self._fenced:
+            log.warning("Task id=%s stopped, no rollback (fenced): %s", current.id, error)
+            return
         code = common_errors.name_of(error)
         message = str(error) or type(error).__name__
         if current.aborted.is_set():
@@ -328,6 +353,15 @@ class TaskManager:
         self._save(current)
         with self._cond:
             self._cond.notify_all()
+        self._finished(current)
+
+    def _finished(self, current: task.Task) -> None:
+        if self.on_finished is None:
+            return
+        try:
+            self.on_finished(current.status())
+        except Exception:
+            log.exception("on_finished failed for task id=%s", current.id)
 
     # Recovery of one loaded task.
 
@@ -394,7 +428,7 @@ class TaskManager:
             self._save(current)
 
     def _save(self, current: task.Task, strict: bool = False) -> None:
-        if self._store is None:
+        if self._store is None or self._fenced:
             return
         with current.save_lock:
             record = current.record()

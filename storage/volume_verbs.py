@@ -3,8 +3,12 @@
 Volume.create and Volume.delete are SPM verbs: they refuse what is invalid
 on its face with a coded error before any task exists, then submit their
 job (storage.volume_jobs, declared in storage.jobs) and answer the task
-id.  Volume.getInfo, Image.prepare and Image.teardown work on any host
-connected to the pool.
+id.  Volume.setLegality is an SPM verb too, done at once
+(storage.spm_requests.set_legality).  Every SPM verb asks for the SPM role
+first: on another host it answers ``SpmStatusError`` having done nothing.
+Volume.getInfo, Image.prepare and Image.teardown work on any host
+connected to the pool and write no metadata (activation, links and
+reference counts are this host's own).
 
 Task.* and Host.getAllTasks* report the SPM's tasks.  A status is the task
 manager's own (storage.task): ``code`` is the *name* of the error that
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage import core, errors, task_manager, volume, volume_jobs
+from storage import core, errors, sd, spm_requests, task_manager, volume, volume_jobs
 
 BLANK_UUID = volume.BLANK_UUID
 
@@ -38,8 +42,17 @@ class VolumeVerbs(core.StorageCore):
         src_img_uuid: str = BLANK_UUID,
         src_vol_uuid: str = BLANK_UUID,
         initial_size: int | None = None,
+        disk_type: str | None = None,
+        add_bitmaps: bool = False,
+        legal: bool = True,
+        sequence: int = 0,
+        bitmap: str | None = None,
     ) -> str:
-        """SPM: refuse what is invalid on its face, then create in a task."""
+        """SPM: refuse what is invalid on its face, then create in a task.
+
+        VDSM's disk_type, add_bitmaps, legal, sequence and bitmap are accepted
+        and ignored: every volume is a data volume, LEGAL once created, and
+        no volume here has bitmaps."""
         dom = self.spm_domain(storagepool_id, storagedomain_id)
         if src_vol_uuid != BLANK_UUID and src_img_uuid not in (BLANK_UUID, image_id):
             raise errors.ImageIsNotLegalChain(
@@ -70,8 +83,18 @@ class VolumeVerbs(core.StorageCore):
             raise
 
     def volume_delete(
-        self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str
+        self,
+        storagepool_id: str,
+        storagedomain_id: str,
+        image_id: str,
+        volume_id: str,
+        post_zero: bool = False,
+        force: bool = False,
+        discard: bool = False,
     ) -> str:
+        """SPM: delete a leaf volume in a task.  VDSM's post_zero, force and
+        discard are ignored: volumes are removed (not zeroed or discarded),
+        and only an unused leaf ever is, whatever force says."""
         dom = self.spm_domain(storagepool_id, storagedomain_id)
         if not dom.manifest.list_volumes(image_id):
             raise errors.ImageDoesNotExistInSD(img_id=image_id, sd_id=storagedomain_id)
@@ -81,12 +104,37 @@ class VolumeVerbs(core.StorageCore):
         )
         return self.submit_job(storagepool_id, volume_jobs.DELETE, params)
 
+    def volume_set_legality(
+        self,
+        storagepool_id: str,
+        storagedomain_id: str,
+        image_id: str,
+        volume_id: str,
+        legality: str,
+    ) -> bool:
+        """SPM: mark a volume LEGAL or ILLEGAL (the engine's, or move-disk's,
+        after the pivot of a replication: the destination leaf)."""
+        dom = self.spm_domain(storagepool_id, storagedomain_id)
+        sd.check_uuid(image_id, volume_id)
+        if not dom.manifest.list_volumes(image_id):
+            raise errors.ImageDoesNotExistInSD(img_id=image_id, sd_id=storagedomain_id)
+        spm_requests.set_legality(dom, image_id, volume_id, legality)
+        return True
+
     # Image.prepare / Image.teardown
 
     def image_prepare(
-        self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str
+        self,
+        storagepool_id: str,
+        storagedomain_id: str,
+        image_id: str,
+        volume_id: str,
+        allow_illegal: bool = False,
     ) -> dict[str, Any]:
-        return self.prepare(storagepool_id, storagedomain_id, image_id, volume_id)
+        """Prepare the chain; an ILLEGAL volume is refused unless allow_illegal."""
+        return self.prepare(
+            storagepool_id, storagedomain_id, image_id, volume_id, allow_illegal=allow_illegal
+        )
 
     def image_teardown(
         self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str

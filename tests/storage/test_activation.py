@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from storage import activation, commands, errors, loop, lvm_model, qemuimg, qemuimg_copy
+from storage import activation, commands, errors, loop, lvm, lvm_model, qemuimg, qemuimg_copy
 from tests.storage import conftest
 
 pytestmark = [pytest.mark.root, conftest.requires_root]
@@ -239,6 +239,107 @@ def test_deactivate_while_open_releases_on_last_close(
     assert st is None or not st.backed_by(vg.devices[0])
 
 
+def test_devices_carry_the_owner_tag_of_their_host(
+    vg: conftest.LoopVG, storage_tmpdir: str, act: activation.LoopActivation
+) -> None:
+    vg.lvm.lvcreate(vg.name, "vol", 1)
+    vg.lvm.lvcreate(vg.name, "big", 4)
+    dev = act.activate(vg.name, "vol")
+    st = loop.status(dev)
+    assert st is not None and st.file_name == act.owner
+    assert act.owner.startswith("vdsm-lsm:") and len(act.owner) < loop.LO_NAME_SIZE
+    # losetup still shows the PV as the backing file.
+    shown = {d["name"]: d for d in conftest.loop_devices()}
+    assert shown[dev]["back-file"] == vg.devices[0]
+    # Another run dir is another owner; the same run dir (restarted) the same.
+    other = activation.open("loop", vg.lvm, os.path.join(storage_tmpdir, "other-host"))
+    assert isinstance(other, activation.LoopActivation) and other.owner != act.owner
+    assert activation.owner_tag(os.path.dirname(act.state_dir)) == act.owner
+    # A size change keeps the tag.
+    big = act.activate(vg.name, "big")
+    loop.set_size_limit(big, 2 * vg.extent_size)
+    assert loop.status(big).file_name == act.owner  # type: ignore[union-attr]
+
+
+def test_a_recorded_device_bound_by_another_host_is_not_ours(
+    vg: conftest.LoopVG, storage_tmpdir: str, act: activation.LoopActivation
+) -> None:
+    # The daemon recorded a candidate device and died before binding it;
+    # another host bound that very device to the same LV since.
+    other = activation.open("loop", vg.lvm, os.path.join(storage_tmpdir, "other-host"))
+    vg.lvm.lvcreate(vg.name, "vol", 1)
+    theirs = other.activate(vg.name, "vol")
+    try:
+        theirs_state = other._read_state(vg.name, "vol")  # type: ignore[attr-defined]
+        act._write_state(vg.name, "vol", dict(theirs_state, owner=act.owner))
+
+        assert act.active_path(vg.name, "vol") is None  # not adopted, state dropped
+        act.deactivate(vg.name, "vol")
+        act.deactivate_all(vg.name, vg.devices)
+        assert other.active_path(vg.name, "vol") == theirs  # still theirs, still bound
+        mine = act.activate(vg.name, "vol")
+        assert mine != theirs
+    finally:
+        other.deactivate(vg.name, "vol")
+
+
+def test_state_without_owner_is_trusted(
+    vg: conftest.LoopVG, act: activation.LoopActivation
+) -> None:
+    # State written before owner tags existed: device, backing and offset decide.
+    vg.lvm.lvcreate(vg.name, "vol", 1)
+    dev = act.activate(vg.name, "vol")
+    state = act._read_state(vg.name, "vol")  # type: ignore[attr-defined]
+    del state["owner"]
+    act._write_state(vg.name, "vol", state)
+    assert act.active_path(vg.name, "vol") == dev
+
+
+def test_deactivate_all_releases_unrecorded_devices_of_this_host_only(
+    vg: conftest.LoopVG, storage_tmpdir: str, act: activation.LoopActivation
+) -> None:
+    other = activation.open("loop", vg.lvm, os.path.join(storage_tmpdir, "other-host"))
+    for name in ("a", "b"):
+        vg.lvm.lvcreate(vg.name, name, 1)
+    recorded = act.activate(vg.name, "a")
+    lost = act.activate(vg.name, "b")
+    act._remove_state(vg.name, "b")  # its state is lost
+    theirs = other.activate(vg.name, "a")
+    untagged = loop.attach(vg.devices[0], offset=0, sizelimit=vg.extent_size)
+    try:
+        assert [st.device for st in act.tagged_devices(vg.devices)] == sorted(
+            [recorded, lost], key=lambda d: int(d[len("/dev/loop"):]))
+
+        act.deactivate_all(vg.name, vg.devices)
+
+        assert loop.status(recorded) is None and loop.status(lost) is None
+        assert loop.status(theirs) is not None and loop.status(untagged) is not None
+        assert not os.path.exists(os.path.join(act.state_dir, vg.name))
+    finally:
+        other.deactivate(vg.name, "a")
+        loop.detach(untagged)
+
+
+def test_adopt_records_a_device_of_this_host(
+    vg: conftest.LoopVG, act: activation.LoopActivation
+) -> None:
+    vg.lvm.lvcreate(vg.name, "vol", 1)
+    dev = act.activate(vg.name, "vol")
+    state = act._read_state(vg.name, "vol")  # type: ignore[attr-defined]
+    act._remove_state(vg.name, "vol")
+    assert act.active_path(vg.name, "vol") is None
+
+    assert act.adopt(vg.name, "vol", dev, state["backing"], state["offset"]) is True
+    assert act.active_path(vg.name, "vol") == dev
+    assert act.activate(vg.name, "vol") == dev  # no second device
+    assert act.adopt(vg.name, "vol", dev, state["backing"], state["offset"]) is False
+    # Not at another offset, not a device without our tag.
+    act._remove_state(vg.name, "vol")
+    assert act.adopt(vg.name, "vol", dev, state["backing"], state["offset"] + 512) is False
+    act.release_device(dev)
+    assert loop.status(dev) is None
+
+
 @conftest.requires_dm
 def test_dm_mode_lifecycle(vg_factory: VGFactory, run_dir: str) -> None:
     vg = vg_factory(lvm_activation=True)
@@ -355,3 +456,16 @@ def test_activate_reads_the_layout_when_the_reading_is_stale(
 
     assert [a[1] for a in counter.argv if a[0] == "lvm"] == ["pvs"]  # lv_layout
     assert loop.size(dev) == 7 * vg.extent_size
+
+
+@pytest.mark.parametrize("name", ["vol\n", "\nvol", "vol/..", "v\u0663"])
+def test_lv_and_device_names_are_matched_whole(
+    vg: conftest.LoopVG, act: activation.LoopActivation, name: str
+) -> None:
+    # fullmatch: a "$"-anchored pattern would take the trailing newline.
+    vg.lvm.lvcreate(vg.name, "vol", 1)
+    with pytest.raises(ValueError, match="Invalid LVM name"):
+        act.activate(vg.name, name)
+    with pytest.raises(ValueError, match="Unsupported device path"):
+        lvm.LVM([vg.devices[0] + "\n"])
+    assert act.active_lvs(vg.name) == []

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-import types
 
 import pytest
 
-from storage import block_sd, errors, jobs, qemuimg, sync, task
+from storage import block_sd, errors, mailbox, qemuimg
 from tests.storage.conftest import requires_root
 from tests.storage.domain_helpers import (
     API_OPTIONS,
@@ -24,7 +23,6 @@ from tests.storage.domain_helpers import (
     new_id,
     run_task,
 )
-from vdsm_lsm import app
 
 pytest_plugins = ["tests.storage.domain_fixtures"]
 
@@ -123,7 +121,9 @@ def test_stop_running_create_rolls_back(api, spm, gate):
     assert api.volume_get_info(pool_id, sd_id, img, base)["voltype"] == "LEAF"
 
 
-def test_spm_only_verbs_refused_when_not_spm(api, file_domain_factory):
+def test_spm_only_verbs_refused_when_not_spm(api_factory, file_domain_factory):
+    # A pool without SPM: the mailbox waits for one half a second.
+    api = api_factory(mailbox=mailbox.Settings(request_timeout=0.5))
     sd_id = file_domain_factory(api)
     pool_id = make_pool(api, sd_id, spm=False)
     img, vol = new_id(), new_id()
@@ -135,7 +135,8 @@ def test_spm_only_verbs_refused_when_not_spm(api, file_domain_factory):
         api.host_get_all_tasks_statuses()
     with pytest.raises(errors.SpmStatusError):
         api.host_get_all_tasks_info()
-    with pytest.raises(errors.SpmStatusError):
+    # The SPM-request path (virt's): no SPM answers, a code of its own.
+    with pytest.raises(errors.SpmRequestUnavailable):
         api.extend(pool_id, sd_id, img, vol, MiB)
     with pytest.raises(errors.UnknownTask):
         api.task_get_status(new_id())
@@ -171,36 +172,6 @@ def test_verbs_named_for_the_schema(api):
         code = handler.__code__
         accepted = set(code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount])
         assert params <= accepted, (verb, params - accepted)
-
-
-def test_the_daemon_config_reaches_the_provider(storage_tmpdir):
-    section = types.SimpleNamespace
-    config = section(
-        irs=section(run_dir=os.path.join(storage_tmpdir, "run"), state_dir="",
-                    volume_utilization_chunk_mb=16, oop_timeout=30.0, task_workers=3,
-                    block_extent_size_mb=4, copy_rate_limit_mb=2),
-        lvm=section(activation="loop"),
-        sanlock=section(cluster_lock="local"),
-    )
-    provider = app.storage_provider(config)
-    try:
-        assert provider.state_dir == os.path.join(storage_tmpdir, "run", "state")
-        assert provider.chunk_size == 16 * MiB
-        assert (provider.task_workers, provider.cluster_lock_mode) == (3, "local")
-        assert provider.env.activation_mode == "loop"
-        # The one job table, bound to this provider's services: syncs copy
-        # at [irs] copy_rate_limit_mb.
-        assert provider.job_services.copy_rate_limit_bps == 2 * MiB
-        assert set(provider.job_kinds) == {kind.name for kind in jobs.KINDS}
-        assert provider.job_kinds[sync.KIND].recovery == task.RERUN
-        made = provider.job_kinds[sync.KIND].factory(
-            sync.make_params(new_id(), new_id(), new_id(), sync.ALL))
-        assert made.rate_limit_bps == 2 * MiB
-    finally:
-        provider.close()
-
-
-# A daemon killed in the middle of Volume.create.
 
 
 def test_kill_during_create_then_recovery(api_factory, domain_factory, storage_tmpdir):

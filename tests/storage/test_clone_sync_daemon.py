@@ -262,7 +262,7 @@ def test_aliases_clone_sync_and_delete_through_the_daemon(
     with pytest.raises(client.ClientError) as e:
         site.call("Image.cloneStructure", imageID=chain.img_id, storagepoolID=site.pool_id,
                   storagedomainID=dst, dstSdUUID=chain.sd_id)
-    assert e.value.code == code("VolumeAlreadyExists") == 205
+    assert e.value.code == code("VolumeAlreadyExists") == 212
     site.run(site.call("Image.delete", imageID=chain.img_id, storagepoolID=site.pool_id,
                        storagedomainID=chain.sd_id))
     assert site.volumes(chain.sd_id, chain.img_id) == []

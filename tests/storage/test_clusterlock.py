@@ -227,6 +227,46 @@ def test_init_domain_writes_sanlock_structures_on_disk(dom_md: str) -> None:
     assert resource["resource_name"] == "SDM"
 
 
+@pytest.mark.parametrize("io_timeout", [1, 10])
+def test_init_domain_writes_the_io_timeout_into_the_lockspace(dom_md: str, io_timeout: int) -> None:
+    """The io_timeout on disk decides how long add_lockspace takes (2T + 1 s),
+    whatever add_lockspace is given: domains are made with [sanlock] io_timeout."""
+    ids = os.path.join(dom_md, "ids")
+    clusterlock.init_domain(SD_ID, ids, os.path.join(dom_md, "leases"), io_timeout=io_timeout)
+    for host_id in (1, 2, 250):
+        host = clusterlock.direct_read_leader(
+            clusterlock.lockspace_spec(SD_ID, host_id, ids, 0), lockspace=True)
+        assert host["io_timeout"] == str(io_timeout)
+
+
+def test_init_domain_defaults_to_sanlock_s_io_timeout(dom_md: str) -> None:
+    ids = os.path.join(dom_md, "ids")
+    clusterlock.init_domain(SD_ID, ids, os.path.join(dom_md, "leases"))
+    host = clusterlock.direct_read_leader(
+        clusterlock.lockspace_spec(SD_ID, 1, ids, 0), lockspace=True)
+    assert host["io_timeout"] == str(clusterlock.DEFAULT_IO_TIMEOUT) == "10"
+
+
+def test_local_lock_has_no_host_ids_and_cannot_be_taken_away(leases: str) -> None:
+    lock = clusterlock.LocalLock(leases)
+    lock.acquire_host_id(1)  # nothing to do
+    assert lock.has_host_id() is True
+    assert not lock.held() and lock.watch_fd() is None
+    lock.acquire(1)
+    assert lock.held() and lock.watch_fd() is None
+    lock.release_host_id()  # nothing to do, the lease stays
+    assert lock.held()
+    # drop: let go without writing (the lease is lost anyway).
+    lock.drop()
+    assert not lock.held()
+    assert clusterlock.LocalLock(leases).inquire() == (0, 1)
+    other = clusterlock.LocalLock(leases)
+    other.acquire(2)
+    assert other.inquire() == (2, 2)
+    other.release()
+    lock.drop()  # not held: nothing
+
+
 def test_sanlock_inquire_uninitialized(dom_md: str) -> None:
     lock = clusterlock.SanlockLock(SD_ID, os.path.join(dom_md, "ids"),
                                    os.path.join(dom_md, "leases"))
@@ -247,20 +287,33 @@ def test_sanlock_acquire_without_daemon(dom_md: str) -> None:
                                    os.path.join(dom_md, "leases"))
     lock.init()
     with pytest.raises(errors.ClusterLockUnavailable):
+        lock.acquire_host_id(1)
+    with pytest.raises(errors.ClusterLockUnavailable):
         lock.acquire(1)
+    assert lock.has_host_id() is False
+    assert not lock.held() and lock.watch_fd() is None
+    lock.release_host_id()  # no daemon: it holds nothing
+    lock.release()
+    lock.drop()
+    # Read from the disk without a daemon: nobody holds it.
+    assert lock.inquire() == (0, 0)
 
 
 @needs_sanlock_daemon
 def test_sanlock_acquire_release(dom_md: str) -> None:
     ids = os.path.join(dom_md, "ids")
     leases = os.path.join(dom_md, "leases")
-    lock = clusterlock.SanlockLock(SD_ID, ids, leases)
+    lock = clusterlock.SanlockLock(SD_ID, ids, leases, io_timeout=1)
     lock.init()
+    lock.acquire_host_id(1)  # in the background; acquire waits for it
     lock.acquire(1)
     try:
         owner, lver = lock.inquire()
         assert owner == 1
         assert lver >= 1
+        assert lock.held() and lock.watch_fd() is not None
     finally:
         lock.release()
+        assert lock.has_host_id() is True  # the host id stays until release_host_id
+        lock.release_host_id()
     assert clusterlock.SanlockLock(SD_ID, ids, leases).inquire()[1] >= 1

@@ -187,3 +187,58 @@ def test_block_volumes_are_loop_devices_side_by_side(api, block_domain_factory):
     finally:
         api.image_teardown(pool_id, sd_id, img, top)
     assert dom.activation.active_path(sd_id, top) is None
+
+
+@pytest.mark.parametrize("suffix", ["\n", " ", "\x00", "/..", "\u2028"])
+def test_ids_that_become_paths_are_canonical_uuids(api, suffix):
+    # common.uuids uses fullmatch: "$" would take a trailing newline.
+    good = new_id()
+    for args in [(good + suffix, good, good), (good, good + suffix, good),
+                 (good, good, good + suffix)]:
+        with pytest.raises(errors.InvalidUUID):
+            api.images.link_path(*args)
+    with pytest.raises(errors.InvalidUUID):
+        api.images.image_dir(good.upper(), good)
+
+
+def test_release_leftovers_keeps_what_is_held(api, chain3):
+    # A previous life prepared the chain (links, active LVs) and died: a
+    # new ImageManager on the same run dir holds no reference.
+    pool_id, sd_id, img, vols = chain3
+    api.image_prepare(pool_id, sd_id, img, vols[2])
+    old_targets = {v: os.readlink(link(api, sd_id, img, v)) for v in vols}
+    api.images = image.ImageManager(api.run_dir)  # the restarted daemon's
+    assert sorted(api.images.links()) == sorted((sd_id, img, v) for v in vols)
+
+    # Recovery re-prepares mid: it takes the links and devices over.
+    api.image_prepare(pool_id, sd_id, img, vols[1])
+    for v in vols[:2]:
+        assert os.readlink(link(api, sd_id, img, v)) == old_targets[v]
+    os.symlink("nowhere", link(api, sd_id, img, vols[2]) + ".tmp")  # a crashed _link
+    dom = api.cache.get(sd_id)
+
+    released = api.images.release_leftovers(lambda s: dom if s == sd_id else None)
+
+    assert released == [(sd_id, img, vols[2])]
+    assert not os.path.lexists(link(api, sd_id, img, vols[2]))
+    assert not os.path.lexists(link(api, sd_id, img, vols[2]) + ".tmp")
+    assert active(api, sd_id, vols[2]) in (False, None)
+    assert active(api, sd_id, vols[0]) in (True, None)
+    api.image_teardown(pool_id, sd_id, img, vols[1])
+    assert api.images.links() == []
+    assert not os.path.exists(api.images.root + "/" + sd_id)
+
+
+def test_release_leftovers_of_an_unknown_domain_removes_links(api, chain3):
+    pool_id, sd_id, img, vols = chain3
+    api.image_prepare(pool_id, sd_id, img, vols[0])
+    api.images = image.ImageManager(api.run_dir)
+    dom = api.cache.get(sd_id)
+    busy = os.path.realpath(link(api, sd_id, img, vols[0]))
+    # A target some process holds open is kept.
+    assert api.images.release_leftovers(lambda s: None, busy=lambda t: t == busy) == []
+    assert api.images.release_leftovers(lambda s: None) == [(sd_id, img, vols[0])]
+    assert api.images.links() == []
+    if isinstance(dom, block_sd.BlockDomain):  # not deactivated: the domain was unknown
+        assert dom.activation.is_active(dom.vg, vols[0])
+        dom.activation.deactivate(dom.vg, vols[0])

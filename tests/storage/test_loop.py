@@ -199,3 +199,31 @@ def test_bad_arguments() -> None:
         loop.set_size_limit("/dev/loop0", -1)
     with pytest.raises(errors.LoopDeviceError):
         loop.attach("/var/tmp/no-such-file-for-loop-test")
+
+
+def test_a_name_tags_the_device(
+    sparse_file_factory: collections.abc.Callable[[int], str], attached: list[str]
+) -> None:
+    path = sparse_file_factory(16 * MiB)
+    dev = loop.attach(path, name="vdsm-lsm:owner")
+    attached.append(dev)
+    st = loop.status(dev)
+    assert st is not None and st.file_name == "vdsm-lsm:owner" and st.backed_by(path)
+    assert {d.name: d.backing for d in loop.list()}[dev] == os.path.realpath(path)
+    plain = loop.attach(path, offset=MiB)
+    attached.append(plain)
+    assert loop.status(plain).file_name == path[:63]  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        loop.attach(path, name="x" * loop.LO_NAME_SIZE)
+
+
+@pytest.mark.parametrize(
+    "dev", ["/dev/loop0\n", "/dev/loop0 ", "/dev/loop\u0663", "/dev/loop", "/dev/loop0/../sda",
+            "\n/dev/loop0", "/dev/loop-control"],
+)
+def test_device_names_are_matched_whole(dev: str) -> None:
+    for call in (loop.status, loop.detach):
+        with pytest.raises(ValueError, match="Not a loop device path"):
+            call(dev)
+    with pytest.raises(ValueError, match="Not a loop device path"):
+        loop.set_size_limit(dev, 0)
