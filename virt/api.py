@@ -1,5 +1,6 @@
 """The VM verbs: VM.create, destroy, cont, getStats, snapshot, diskReplicateStart,
-diskReplicateFinish, and Host.getVMList.
+diskReplicateFinish, migrate, migrationCreate, getMigrationStatus, migrateCancel
+(virt/migration.py, virt/migration_dest.py), and Host.getVMList.
 
 :class:`API` is the provider object the daemon wires into dispatch: verb
 ``VM.getStats`` is served by :meth:`API.vm_get_stats` with snake-cased
@@ -11,9 +12,14 @@ dispatcher and the registry of VMs::
     ...
     api.stop()      # close the connection; VMs keep running
 
-``storage`` is anything with ``prepare`` / ``teardown`` (virt/storage_iface.py).
+``storage`` is the host-side storage service and ``spm`` the path to the
+pool's SPM (virt/storage_iface.py); storage's API provider is both, so
+``API(provider, config)`` uses it for both.
 Verbs raise coded errors (virt/errors.py, or storage's own); during recovery
-every verb answers RecoveryInProgress.
+every verb answers RecoveryInProgress.  Status and replication changes are
+told to the notifier given to :meth:`API.set_notifier` (virt/notify.py).
+``VM.getStats`` answers a list of one stats dict and ``Host.getVMList``
+entries carry ``statusTime``, as VDSM's do.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
+import typing
 from typing import Any
 
 import libvirt
@@ -32,6 +40,10 @@ from virt import (
     errors,
     events,
     metadata,
+    migration,
+    migration_dest,
+    migration_job,
+    notify,
     recovery,
     replication,
     snapshot,
@@ -56,11 +68,42 @@ class Config:
     # The watermark monitor's own settings (virt/thinp.py), passed to it as
     # they are; None runs no monitor (nothing extends thin volumes).
     thinp: thinp.Config | None = None
+    # Where the paths storage hands this host start (its prepare links).
+    # Recovery adopts only running domains whose drives are all under it: a
+    # libvirtd shared by several hosts' daemons runs VMs that are not ours.
+    # Empty: adopt every domain that carries our metadata.
+    drive_root: str = ""
+    # The libvirt call that starts a mirror ([replication] api, virt/mirror.py):
+    # "blockcopy" (also carries syncWrites) or "blockrebase".
+    replication_api: str = "blockcopy"
+    # Live migration to other hosts (virt/migration.py, virt/migration_dest.py).
+    migration: migration_job.Config = migration_job.Config()
+
+
+def status_time() -> str:
+    """VDSM's statusTime: milliseconds of a monotonic clock, as a string."""
+    return str(int(time.monotonic() * 1000))
 
 
 class API:
-    def __init__(self, storage: storage_iface.Storage, config: Config) -> None:
+    @typing.overload
+    def __init__(self, storage: storage_iface.Storage, config: Config) -> None: ...
+
+    @typing.overload
+    def __init__(
+        self, storage: storage_iface.HostStorage, config: Config, spm: storage_iface.SpmRequests
+    ) -> None: ...
+
+    def __init__(
+        self,
+        storage: storage_iface.HostStorage,
+        config: Config,
+        spm: storage_iface.SpmRequests | None = None,
+    ) -> None:
+        """storage: the host-side service; spm: the SPM-request path (omitted:
+        storage is a storage_iface.Storage and serves both, see the overloads)."""
         self._storage = storage
+        self._spm = spm if spm is not None else typing.cast(storage_iface.SpmRequests, storage)
         self._config = config
         self._lock = threading.Lock()
         self._vms: dict[str, vm_mod.VM] = {}
@@ -69,14 +112,23 @@ class API:
         self._creating: dict[str, vm_mod.VM | None] = {}
         self._recovering = False
         self.events = events.Dispatcher(self._event_target)
+        # Told of status and replication changes (virt/notify.py): set_notifier.
+        self.notifier: notify.Notifier = notify.NOBODY
         self.connection = connection.Connection(
             config.libvirt_uri, dispatch=self.events, on_reconnect=self._resync
         )
         self.thinp: thinp.Monitor | None = None
         if config.thinp is not None:
-            self.thinp = thinp.Monitor(storage, self.vms, config.thinp)
+            self.thinp = thinp.Monitor(storage, self._spm, self.vms, config.thinp)
             self.events.threshold_hooks.append(self.thinp.on_threshold)
             self.events.io_error_hooks.append(self.thinp.on_io_error)
+        # Migrations leaving this host (peer transport: outgoing.set_connect)
+        # and VMs expected to arrive.
+        self.outgoing = migration.Outgoing(None, config.migration, self._spm,
+                                           self._migrated_away)
+        self.incoming = migration_dest.Incoming(
+            self.connection, storage, self._spm, config.migration, config.accel,
+            self._prepare_drive, self._teardown_drive, self._adopt)
 
     # Life cycle
 
@@ -85,7 +137,10 @@ class API:
         self._recovering = True
         try:
             self.connection.open()
-            for vm in recovery.recover(self.connection, self._storage):
+            for vm in recovery.recover(
+                self.connection, self._storage, self._spm, self._config.drive_root
+            ):
+                vm.notifier = self.notifier
                 with self._lock:
                     self._vms[vm.id] = vm
         finally:
@@ -98,6 +153,12 @@ class API:
         if self.thinp is not None:
             self.thinp.stop()
         self.connection.close()
+
+    def set_notifier(self, notifier: notify.Notifier) -> None:
+        """Who is told of VM status and replication changes (the daemon's events)."""
+        self.notifier = self.events.notifier = notifier
+        for vm in self.vms():
+            vm.notifier = notifier
 
     def get_vm(self, vm_id: str) -> vm_mod.VM:
         self._check_ready()
@@ -136,7 +197,11 @@ class API:
         log.info("Created vm=%s name=%s status=%s", vm_id, vm.name, vm.status)
         return {"vmId": vm_id, "status": vm.status}
 
-    def vm_destroy(self, vm_id: str) -> bool:
+    def vm_destroy(self, vm_id: str, graceful_attempts: int = 1) -> bool:
+        """Destroy at once (graceful_attempts: VDSM's, ignored: no guest agent here)."""
+        if self.incoming.get(vm_id) is not None:
+            self.incoming.abort(vm_id)  # an expected VM: release it
+            return True
         vm = self.get_vm(vm_id)
         with vm.lock:
             vm.destroy_domain()
@@ -151,11 +216,38 @@ class API:
         self.get_vm(vm_id).cont()
         return True
 
-    def vm_get_stats(self, vm_id: str) -> dict[str, Any]:
-        return self.get_vm(vm_id).stats()
+    def vm_get_stats(self, vm_id: str) -> list[dict[str, Any]]:
+        """As VDSM's: a list of one stats dict."""
+        return [self._stats(self.get_vm(vm_id))]
 
-    def vm_snapshot(self, vm_id: str, snap_drives: list[dict[str, Any]]) -> bool:
-        snapshot.snapshot(self.get_vm(vm_id), self._storage, snap_drives)
+    def _stats(self, vm: vm_mod.VM) -> dict[str, Any]:
+        stats = replication.add_rates(vm, vm.stats())
+        stats["statusTime"] = status_time()
+        migrating = self.outgoing.status(vm.id)
+        if migrating is not None:
+            # code: the error's name; the schema answers its number.
+            stats["migration"] = dict(migrating, code=migrating["error"])
+        return stats
+
+    def vm_snapshot(
+        self,
+        vm_id: str,
+        snap_drives: list[dict[str, Any]],
+        snap_memory: str | None = None,
+        frozen: bool = False,
+        job_uuid: str | None = None,
+        timeout: int = 30,
+        freeze_timeout: int = 8,
+    ) -> bool:
+        """Disk-only live snapshot.  VDSM's snapMemory (a memory snapshot) is
+        refused; frozen, jobUUID and the time-outs are accepted and ignored
+        (no guest agent to freeze, no VM jobs)."""
+        vm = self.get_vm(vm_id)
+        if snap_memory:
+            raise errors.SnapshotError("memory snapshots are not supported", vm_id=vm_id)
+        snapshot.snapshot(vm, self._storage, snap_drives)
+        if self.thinp is not None:  # the new leaves' thresholds, at once
+            self.thinp.wake()
         return True
 
     def vm_disk_replicate_start(
@@ -170,6 +262,7 @@ class API:
         replication.start(
             self.get_vm(vm_id), self._storage, src_disk, dst_disk, need_extend, bandwidth,
             sync_writes, before_copy=self.thinp.prepare_replica if self.thinp else None,
+            api=self._config.replication_api,
         )
         if self.thinp is not None:
             self.thinp.wake()
@@ -178,12 +271,50 @@ class API:
     def vm_disk_replicate_finish(
         self, vm_id: str, src_disk: dict[str, Any], dst_disk: dict[str, Any]
     ) -> bool:
-        replication.finish(self.get_vm(vm_id), self._storage, src_disk, dst_disk)
+        replication.finish(self.get_vm(vm_id), self._storage, self._spm, src_disk, dst_disk)
         return True
 
-    def host_get_vm_list(self) -> list[dict[str, str]]:
+    def vm_migrate(self, vm_id: str, params: dict[str, Any]) -> bool:
+        self.outgoing.migrate(self.get_vm(vm_id), params)
+        return True
+
+    def vm_migration_create(self, vm_id: str, params: dict[str, Any]) -> dict[str, Any]:
         self._check_ready()
-        return [{"vmId": vm.id, "status": vm.status} for vm in self.vms()]
+        with self._lock:
+            if vm_id in self._vms or vm_id in self._creating or self.incoming.get(vm_id):
+                raise errors.VMExistsError(vm_id=vm_id)
+            self._creating[vm_id] = None
+        try:
+            return self.incoming.create(vm_id, params)
+        finally:
+            with self._lock:
+                self._creating.pop(vm_id, None)
+
+    def vm_get_migration_status(self, vm_id: str) -> dict[str, Any]:
+        status = self.outgoing.status(vm_id)
+        if status is None:
+            self.get_vm(vm_id)  # noVM for a VM never seen here
+            raise errors.MigrationNotInProgressError(vm_id=vm_id)
+        return dict(status, code=status["error"])
+
+    def vm_migrate_cancel(self, vm_id: str) -> bool:
+        self.outgoing.cancel(vm_id)
+        return True
+
+    def host_get_vm_list(
+        self, full_status: bool = False, vm_list: list[str] | None = None, only_uuid: bool = False
+    ) -> list[Any]:
+        """[{vmId, status, statusTime}] as VDSM's; vm_list filters, only_uuid
+        answers the ids alone, full_status each VM's VM.getStats entry."""
+        self._check_ready()
+        vms = [vm for vm in self.vms() if not vm_list or vm.id in vm_list]
+        if only_uuid and not full_status:
+            return [vm.id for vm in vms]
+        if full_status:
+            return [self._stats(vm) for vm in vms]
+        return [
+            {"vmId": vm.id, "status": vm.status, "statusTime": status_time()} for vm in vms
+        ]
 
     # Creating
 
@@ -193,6 +324,7 @@ class API:
             for i, spec in enumerate(params.drives):
                 drives.append(self._prepare_drive(vm_id, i, spec))
             vm = vm_mod.VM(vm_id, params.name, drives, self.connection)
+            vm.notifier = self.notifier
             with self._lock:
                 self._creating[vm_id] = vm
             dom_spec = domxml.DomainSpec(
@@ -220,10 +352,14 @@ class API:
             raise
         return vm
 
-    def _prepare_drive(self, vm_id: str, index: int, spec: vmparams.DriveSpec) -> drive_mod.Drive:
+    def _prepare_drive(self, vm_id: str, index: int, spec: vmparams.DriveSpec,
+                       allow_illegal: bool = False) -> drive_mod.Drive:
         ids = (spec.pool_id, spec.domain_id, spec.image_id, spec.volume_id)
         try:
-            result = self._storage.prepare(*ids)
+            if allow_illegal:  # an incoming migration's leaf (virt/migration_dest.py)
+                result = self._storage.prepare(*ids, allow_illegal=True)
+            else:
+                result = self._storage.prepare(*ids)
         except common_errors.Error:
             raise
         except Exception as e:
@@ -298,11 +434,32 @@ class API:
             return
         log.warning("Destroyed domain of failed create vm=%s", vm_id)
 
+    # Migrations: a VM that left, a VM that arrived
+
+    def _migrated_away(self, vm: vm_mod.VM) -> None:
+        with vm.lock:
+            for d in vm.drives:
+                self._teardown_drive(vm.id, d)
+        with self._lock:
+            self._vms.pop(vm.id, None)
+        log.info("Forgot vm=%s: it runs on another host now", vm.id)
+
+    def _adopt(self, vm: vm_mod.VM) -> None:
+        vm.notifier = self.notifier
+        with self._lock:
+            self._vms[vm.id] = vm
+        notify.safely(self.notifier.vm_status, vm.id, vm.status, vm.pause_code)
+        if self.thinp is not None:
+            self.thinp.wake()
+
     # Events and reconnects
 
     def _event_target(self, vm_id: str) -> vm_mod.VM | None:
+        # Expected VMs first: one being adopted is in the registry before it
+        # leaves their table (virt/migration_dest.py).
+        incoming = self.incoming.get(vm_id)
         with self._lock:
-            return self._vms.get(vm_id) or self._creating.get(vm_id)
+            return self._vms.get(vm_id) or self._creating.get(vm_id) or incoming
 
     def _resync(self) -> None:
         """After a reconnect: events may have been missed, read states again."""
@@ -312,7 +469,9 @@ class API:
             try:
                 vm.refresh_state()
                 for d in vm.drives:
+                    before = d.replica.state if d.replica is not None else None
                     replication.refresh_state(vm, d)
+                    notify.replica_changed(self.notifier, vm.id, d, before)
             except Exception:
                 log.exception("Cannot refresh state after reconnect vm=%s", vm.id)
 

@@ -10,16 +10,20 @@ drive spec convention ("cow" / "raw"); chain entries keep storage's ("COW" /
 ``replica`` is empty until a replication (``VM.diskReplicateStart``) fills
 it with the destination volume and the mirror's state; BLOCK_JOB_2 events for
 the drive move that state (``ready`` when the mirror converged, ``failed``).
-Callers that wait for a block job use :meth:`Drive.wait_job`.
+Callers that wait for a block job use :meth:`Drive.wait_job`.  A replica's
+:class:`MirrorRate` turns the successive ``cur``/``end`` readings of
+``VM.getStats`` into the mirror's rate and an ETA.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import stat
 import string
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +41,13 @@ READY = "ready"
 FAILED = "failed"
 REPLICA_STATES = (COPYING, READY, FAILED)
 
+# The libvirt call that starts a mirror (virt/mirror.py; [replication] api).
+BLOCKCOPY = "blockcopy"
+BLOCKREBASE = "blockrebase"
+
+# ETA when the mirror does not converge (or not enough readings yet).
+NO_ETA = -1
+
 
 @dataclasses.dataclass
 class Volume:
@@ -49,6 +60,48 @@ class Volume:
     @property
     def qemu_format(self) -> str:
         return qemu_format(self.format)
+
+
+class MirrorRate:
+    """A mirror's rate and ETA from successive (cur, end) readings.
+
+    ``rate`` is bytes copied per second (``cur``'s growth) over the last
+    ``window`` seconds; the ETA is the remaining ``end - cur`` over the speed
+    at which it shrinks (the copy rate less the rate the guest dirties),
+    :data:`NO_ETA` when it does not shrink.  A ``cur`` that goes back (a new
+    job) starts over.
+    """
+
+    WINDOW = 10.0
+
+    def __init__(self, window: float = WINDOW, clock: Callable[[], float] = time.monotonic):
+        self.window = window
+        self.clock = clock
+        self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def sample(self, cur: int, end: int, ready: bool = False) -> tuple[int, int]:
+        """Record a reading; (rate bytes/s, eta seconds) over the window."""
+        now = self.clock()
+        with self._lock:
+            samples = self._samples
+            if samples and cur < samples[-1][1]:
+                samples.clear()
+            samples.append((now, cur, end))
+            while len(samples) > 2 and now - samples[1][0] >= self.window:
+                samples.popleft()
+            t0, cur0, end0 = samples[0]
+        elapsed = now - t0
+        rate = int((cur - cur0) / elapsed) if elapsed > 0 else 0
+        remaining = max(end - cur, 0)
+        if ready or remaining == 0:
+            return rate, 0
+        if elapsed <= 0:
+            return rate, NO_ETA
+        shrink = ((end0 - cur0) - remaining) / elapsed
+        if shrink <= 0:
+            return rate, NO_ETA
+        return rate, int(remaining / shrink + 0.999)
 
 
 @dataclasses.dataclass
@@ -71,6 +124,12 @@ class Replica:
     sync_writes: bool = False
     # Extend the replica before the source when the leaf fills (thin block).
     need_extend: bool = True
+    # How the job was started (virt/mirror.py); not persisted: a running job
+    # is pivoted or cancelled the same way whatever started it.
+    api: str = dataclasses.field(default=BLOCKCOPY, compare=False)
+    # The mirror was ready once: a later "not ready" is a flap (virt/pivot.py).
+    ever_ready: bool = dataclasses.field(default=False, compare=False)
+    rate: MirrorRate = dataclasses.field(default_factory=MirrorRate, compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -149,6 +208,7 @@ class Drive:
             if self.replica is not None:
                 if status == libvirt.VIR_DOMAIN_BLOCK_JOB_READY:
                     self.replica.state = READY
+                    self.replica.ever_ready = True
                 elif status == libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED:
                     self.replica.state = FAILED
             self._job_cond.notify_all()

@@ -8,8 +8,9 @@ the VM by UUID and applies the event:
 - IO_ERROR_REASON with action "pause": Paused with pause code ENOSPC, EIO or
   EOTHER, then the io-error hooks (the watermark monitor extends and resumes
   a VM paused on ENOSPC);
-- BLOCK_JOB_2: to the drive (its replica state and job waiters), then the
-  block-job hooks (replication);
+- BLOCK_JOB_2: to the drive (its replica state and job waiters; a replica
+  that becomes ready or fails is told to the notifier), then the block-job
+  hooks (replication);
 - BLOCK_THRESHOLD: the drive's threshold is spent (libvirt fires once), then
   the threshold hooks (the watermark monitor).
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import libvirt
 
-from virt import connection
+from virt import connection, notify
 from virt import drive as drive_mod
 from virt import vm as vm_mod
 
@@ -54,6 +55,8 @@ class Dispatcher:
         self.io_error_hooks: list[IOErrorHook] = []
         self.block_job_hooks: list[BlockJobHook] = []
         self.threshold_hooks: list[ThresholdHook] = []
+        # Told when a replica becomes ready or fails (virt/notify.py).
+        self.notifier: notify.Notifier = notify.NOBODY
 
     def __call__(self, kind: str, vm_id: str, args: tuple[Any, ...]) -> None:
         vm = self._lookup(vm_id)
@@ -125,7 +128,9 @@ class Dispatcher:
         log.info(
             "Block job event vm=%s drive=%s type=%d status=%d", vm.id, d.name, job_type, status
         )
+        before = d.replica.state if d.replica is not None else None
         d.on_block_job(job_type, status)
+        notify.replica_changed(self.notifier, vm.id, d, before)
         for hook in list(self.block_job_hooks):
             _run_hook(hook, vm, d, job_type, status)
 

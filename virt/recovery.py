@@ -10,7 +10,8 @@ a VM paused on an I/O error, ``virDomainGetDiskErrors`` (as VDSM does).
 A replica in the metadata is kept while its mirror job still runs (its state
 from the live ``<mirror ready=...>``) and dropped otherwise; a drive found on
 another domain than its metadata says finished a pivot, so its leaf is marked
-LEGAL (the daemon may have died before doing so).
+LEGAL when this host is the SPM (the daemon may have died before doing so;
+on another host the SPM's ``Volume.setLegality`` does it).
 
 Nothing here changes the guest: no resume, no metadata write. The prepare
 references the VM held are taken again through the storage interface (they
@@ -33,13 +34,19 @@ from virt import vm as vm_mod
 log = logging.getLogger("virt.recovery")
 
 
-def recover(conn: connection.Connection, storage: storage_iface.Storage) -> list[vm_mod.VM]:
-    """VM objects for the running domains that carry our metadata."""
+def recover(
+    conn: connection.Connection,
+    storage: storage_iface.HostStorage,
+    spm: storage_iface.SpmRequests,
+    drive_root: str = "",
+) -> list[vm_mod.VM]:
+    """VM objects for the running domains that carry our metadata and, when
+    drive_root is given, whose drives all lie under it (this host's)."""
     doms = conn.call(lambda c: c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
     vms = []
     for dom in doms:
         try:
-            vm = recover_domain(conn, storage, dom)
+            vm = recover_domain(conn, storage, spm, dom, drive_root)
         except Exception:
             log.exception("Cannot recover domain name=%s", _name(dom))
             continue
@@ -50,7 +57,11 @@ def recover(conn: connection.Connection, storage: storage_iface.Storage) -> list
 
 
 def recover_domain(
-    conn: connection.Connection, storage: storage_iface.Storage, dom: libvirt.virDomain
+    conn: connection.Connection,
+    storage: storage_iface.HostStorage,
+    spm: storage_iface.SpmRequests,
+    dom: libvirt.virDomain,
+    drive_root: str = "",
 ) -> vm_mod.VM | None:
     """A VM object for dom, or None if dom is not ours."""
     try:
@@ -60,6 +71,9 @@ def recover_domain(
         return None
     if drives is None:
         log.debug("Domain name=%s is not ours", _name(dom))
+        return None
+    if drive_root and not all(_under(d.path, drive_root) for d in drives):
+        log.info("Domain name=%s runs on another host's storage paths; not adopted", _name(dom))
         return None
     vm_id = dom.UUIDString()
     domain_xml = dom.XMLDesc(0)
@@ -73,9 +87,11 @@ def recover_domain(
         if _reconcile(vm_id, d, disk):
             moved.append(d)
     for d in moved:
-        _finish_pivot(vm_id, storage, d)
+        # The daemon died after a pivot: the new leaf may still be ILLEGAL.
+        replication.mark_leaf_legal(spm, vm_id, d.name, d.pool_id, d.domain_id, d.image_id,
+                                    d.volume_id)
     for d in drives:
-        replication.recover_replica(vm_id, dom, storage, d, domain_xml)
+        _recover_replica(vm_id, dom, storage, d, domain_xml)
     vm = vm_mod.VM(vm_id, dom.name(), drives, conn)
     vm.refresh_state()
     _retake_references(vm, storage)
@@ -127,21 +143,50 @@ def _reconcile(vm_id: str, d: drive_mod.Drive, disk: domxml.LiveDisk) -> bool:
     return moved
 
 
-def _finish_pivot(vm_id: str, storage: storage_iface.Storage, d: drive_mod.Drive) -> None:
-    """The daemon died after a pivot: the new leaf may still be ILLEGAL."""
+def _recover_replica(
+    vm_id: str,
+    dom: libvirt.virDomain,
+    storage: storage_iface.HostStorage,
+    d: drive_mod.Drive,
+    domain_xml: str,
+) -> None:
+    """After a restart: keep d's replica (from metadata) if its mirror job still runs.
+
+    The replica's prepare reference is taken again; a replica whose job is
+    gone (a transient job ends with QEMU's mirror) is dropped.
+    """
+    r = d.replica
+    if r is None:
+        return
     try:
-        storage.set_volume_legality(d.pool_id, d.domain_id, d.image_id, d.volume_id, True)
+        job = dom.blockJobInfo(d.name, 0)
+    except libvirt.libvirtError as e:
+        log.warning("blockJobInfo failed vm=%s drive=%s error=%s", vm_id, d.name, e)
+        job = {}
+    if not job or job.get("type") != libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY:
+        log.warning(
+            "Replica without a mirror job dropped vm=%s drive=%s dst_sd=%s",
+            vm_id, d.name, r.domain_id,
+        )
+        d.replica = None
+        return
+    ready = replication.live_mirror_ready(domain_xml, d.name)
+    if r.state != drive_mod.FAILED:
+        r.state = drive_mod.READY if ready else drive_mod.COPYING
+    try:
+        storage.prepare(r.pool_id, r.domain_id, r.image_id, r.volume_id, allow_illegal=True)
     except Exception as e:
         log.error(
-            "Cannot mark pivoted leaf LEGAL vm=%s drive=%s volume=%s: %s",
-            vm_id,
-            d.name,
-            d.volume_id,
-            e,
+            "Cannot prepare replica of recovered vm=%s drive=%s volume=%s: %s",
+            vm_id, d.name, r.volume_id, e,
         )
+    log.info(
+        "Recovered replica vm=%s drive=%s dst_sd=%s state=%s cur=%s end=%s",
+        vm_id, d.name, r.domain_id, r.state, job.get("cur"), job.get("end"),
+    )
 
 
-def _retake_references(vm: vm_mod.VM, storage: storage_iface.Storage) -> None:
+def _retake_references(vm: vm_mod.VM, storage: storage_iface.HostStorage) -> None:
     for d in vm.drives:
         held = []
         for vol_id in d.prepared:
@@ -158,6 +203,12 @@ def _retake_references(vm: vm_mod.VM, storage: storage_iface.Storage) -> None:
             else:
                 held.append(vol_id)
         d.prepared = held
+
+
+def _under(path: str, root: str) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) == os.path.abspath(
+        root
+    )
 
 
 def _is_uuid(text: str) -> bool:

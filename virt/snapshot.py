@@ -49,7 +49,7 @@ class _Step:
 
 
 def snapshot(
-    vm: vm_mod.VM, storage: storage_iface.Storage, snap_drives: list[dict[str, Any]]
+    vm: vm_mod.VM, storage: storage_iface.HostStorage, snap_drives: list[dict[str, Any]]
 ) -> None:
     with vm.lock:
         if vm.status == vm_mod.DOWN:
@@ -83,7 +83,7 @@ def snapshot(
 
 
 def _prepare_one(
-    vm: vm_mod.VM, storage: storage_iface.Storage, spec: dict[str, Any], plan: list[_Step]
+    vm: vm_mod.VM, storage: storage_iface.HostStorage, spec: dict[str, Any], plan: list[_Step]
 ) -> None:
     """Prepare one snapDrive's new leaf and add it to plan (nothing if already done)."""
     try:
@@ -142,7 +142,7 @@ def _switch(vm: vm_mod.VM, plan: list[_Step]) -> None:
         raise errors.SnapshotError(str(e), vm_id=vm.id) from e
 
 
-def _undo(vm: vm_mod.VM, storage: storage_iface.Storage, plan: list[_Step]) -> None:
+def _undo(vm: vm_mod.VM, storage: storage_iface.HostStorage, plan: list[_Step]) -> None:
     for step in reversed(plan):
         d = step.drive
         try:

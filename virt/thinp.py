@@ -13,21 +13,36 @@ drive (COW leaf reached as a block device) of every VM:
   already crossed when set);
 - when the allocation crosses ``physical - watermark`` the volume grows to
   ``physical + chunk`` (at most its maximum size, ``capacity * 1.1`` in whole
-  sectors: ``common.sizes.cow_max_size``, storage's rule) through the storage
-  interface: ``extend`` (SPM) then ``refresh`` (HSM), then a new threshold
-  is set;
+  sectors: ``common.sizes.cow_max_size``, storage's rule): an ``extend``
+  request to the pool's SPM (``storage_iface.SpmRequests``: in-process when
+  this host is the SPM), then ``refresh`` of this host's own device
+  (``storage_iface.HostStorage``), then a new threshold is set. On a host
+  that is not the SPM the request goes to the SPM through the storage
+  mailbox (storage's side: it blocks until the SPM's reply, or fails with
+  storage's coded error after its timeout): the refresh and the next
+  threshold come after the reply, so this host's view grows only once the
+  SPM's lvextend is done. A failure is logged (at ERROR once, then at
+  DEBUG while it repeats) and, for a replication's first extension, raised
+  to the caller; nothing is written in-process;
 - while the drive is mirrored (a replication with ``need_extend``) to a
   block destination, the **replica is extended first, then the source**, to
-  the same size, so the mirror never has less room than the source;
+  the same size, so the mirror never has less room than the source; a
+  source that needs no extension itself (a file domain's COW leaf) mirrored
+  to a thin block replica has the replica follow its allocation: the
+  threshold is set on the source at ``replica physical - watermark`` and
+  the replica grows by a chunk past the source's allocation
+  (:func:`replica_size`);
 - a VM paused with pause code ENOSPC (``io_error_hooks``) has its thin drives
   extended and is resumed once every extension succeeded. A failed
   extension leaves the VM paused (and the mirror running); the next cycle
-  retries.
+  retries. A VM that pauses while its extension waits for the SPM's reply
+  wakes the monitor, whose next cycle (at once) resumes it once the
+  extension arrived.
 
 One thread per daemon::
 
-    mon = Monitor(storage, api.vms, thinp.Config(interval=2, utilization_percent=20,
-                                                 chunk_mb=2560))
+    mon = Monitor(storage, spm, api.vms, thinp.Config(interval=2, utilization_percent=20,
+                                                      chunk_mb=2560))
     api.events.threshold_hooks.append(mon.on_threshold)
     api.events.io_error_hooks.append(mon.on_io_error)
     mon.start() ... mon.stop()
@@ -109,6 +124,13 @@ def extension_plan(
     return plan
 
 
+def replica_size(capacity: int, allocation: int, replica_physical: int, chunk: int) -> int:
+    """The size to extend the replica of a source that is not thin to: a
+    chunk past what the source holds (or the replica has), at most the
+    maximum size."""
+    return next_size(capacity, max(replica_physical, allocation), chunk)
+
+
 # The monitor
 
 
@@ -119,11 +141,16 @@ class ExtensionFailed(Exception):
 class Monitor:
     def __init__(
         self,
-        storage: storage_iface.Storage,
+        storage: storage_iface.HostStorage,
+        spm: storage_iface.SpmRequests,
         vms: Callable[[], list[vm_mod.VM]],
         config: Config,
     ) -> None:
         self._storage = storage
+        self._spm = spm
+        # (vm id, drive, which) -> the error of its last failed extension,
+        # so that a failure repeating every cycle is logged at ERROR once.
+        self._failing: dict[tuple[str, str, str], str] = {}
         self._vms = vms
         self.config = config
         self.mark = watermark(config.chunk, config.utilization_percent)
@@ -189,7 +216,11 @@ class Monitor:
 
     def check_all(self) -> None:
         self.cycles += 1
-        for vm in self._vms():
+        vms = self._vms()
+        running = {vm.id for vm in vms if vm.status != vm_mod.DOWN}
+        for key in [k for k in self._failing if k[0] not in running]:
+            del self._failing[key]
+        for vm in vms:
             if self._stopping.is_set():
                 return
             if vm.status == vm_mod.DOWN:
@@ -217,7 +248,7 @@ class Monitor:
             flagged = self._enospc.get(vm.id, set()) if enospc else set()
             if not enospc:
                 self._enospc.pop(vm.id, None)
-        thin = [d for d in vm.drives if is_thin(d)]
+        thin = [d for d in vm.drives if is_thin(d) or replica_only(d)]
         ok = True
         room: dict[str, bool] = {}
         for d in thin:
@@ -263,6 +294,8 @@ class Monitor:
         capacity, allocation, physical = vm.call(lambda dom: dom.blockInfo(d.name, 0))
         d.update_sizes(capacity, allocation, physical)
         r = d.replica
+        if replica_only(d):
+            return self._check_replica_only(vm, d, capacity, allocation)
         replica_physical = None
         if replica_needs_extend(r):
             assert r is not None
@@ -286,6 +319,26 @@ class Monitor:
         self._set_threshold(vm, d, capacity, physical)
         return allocation < physical - self.mark
 
+    def _check_replica_only(
+        self, vm: vm_mod.VM, d: drive_mod.Drive, capacity: int, allocation: int
+    ) -> bool:
+        """A source that is not thin, mirrored to a thin block replica: the
+        replica keeps a watermark of room past the source's allocation."""
+        r = d.replica
+        assert r is not None
+        replica_physical = sizes.device_size(r.path)
+        if needs_extension(capacity, allocation, replica_physical, self.mark):
+            log.info(
+                "Replica needs extension vm=%s drive=%s allocation=%d replica_physical=%d "
+                "watermark=%d", vm.id, d.name, allocation, replica_physical, self.mark,
+            )
+            size = replica_size(capacity, allocation, replica_physical, self.config.chunk)
+            self._extend(vm, d, "replica", size, replica_physical)
+            replica_physical = sizes.device_size(r.path)
+            capacity, allocation, _ = vm.call(lambda dom: dom.blockInfo(d.name, 0))
+        self._set_threshold(vm, d, capacity, replica_physical)
+        return allocation < replica_physical - self.mark
+
     def _extend(self, vm: vm_mod.VM, d: drive_mod.Drive, which: str, size: int, old: int) -> None:
         if which == "replica":
             r = d.replica
@@ -294,20 +347,27 @@ class Monitor:
         else:
             ids = (d.pool_id, d.domain_id, d.image_id, d.volume_id)
         start = time.monotonic()
+        key = (vm.id, d.name, which)
         try:
-            self._storage.extend(*ids, size)
-            new = self._storage.refresh(*ids)
+            new, extended = self._extend_and_refresh(ids, size)
         except Exception as e:
-            log.error(
-                "Extension failed vm=%s drive=%s which=%s sd=%s img=%s vol=%s old=%d new=%d: %s",
-                vm.id, d.name, which, ids[1], ids[2], ids[3], old, size, e,
+            repeated = self._failing.get(key) == str(e)
+            self._failing[key] = str(e)
+            log.log(
+                logging.DEBUG if repeated else logging.ERROR,
+                "Extension failed%s vm=%s drive=%s which=%s sd=%s img=%s vol=%s old=%d new=%d: %s",
+                " again" if repeated else "", vm.id, d.name, which, ids[1], ids[2], ids[3],
+                old, size, e,
             )
             raise ExtensionFailed(str(e)) from e
+        if self._failing.pop(key, None) is not None:
+            log.info("Extension works again vm=%s drive=%s which=%s", vm.id, d.name, which)
+        now = time.monotonic()
         log.info(
             "Extended vm=%s drive=%s which=%s sd=%s img=%s vol=%s old=%d new=%d "
-            "requested=%d elapsed=%.3f",
+            "requested=%d elapsed=%.3f extend=%.3f refresh=%.3f",
             vm.id, d.name, which, ids[1], ids[2], ids[3], old, new, size,
-            time.monotonic() - start,
+            now - start, extended - start, now - extended,
         )
 
     def _set_threshold(
@@ -325,20 +385,34 @@ class Monitor:
     # Replication
 
     def prepare_replica(self, vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
-        """Before the mirror starts: give a thin block replica the source's size.
+        """Before the mirror starts: give a thin block replica the source's size
+        (a source that is not thin: a watermark of room past its data).
 
         Raises the storage error if the extension fails (the replication is
         not started).
         """
-        if not (is_thin(d) and r.need_extend and r.disk_type == drive_mod.BLOCK):
+        if not (r.need_extend and r.disk_type == drive_mod.BLOCK and r.format == drive_mod.COW):
             return
-        _, _, physical = vm.call(lambda dom: dom.blockInfo(d.name, 0))
+        if d.format != drive_mod.COW:
+            return
+        capacity, allocation, physical = vm.call(lambda dom: dom.blockInfo(d.name, 0))
         have = sizes.device_size(r.path)
+        if not is_thin(d):
+            # The source needs no extension: the replica gets a watermark past its data.
+            if not needs_extension(capacity, allocation, have, self.mark):
+                return
+            physical = replica_size(capacity, allocation, have, self.config.chunk)
         if have >= physical:
             return
         ids = (r.pool_id, r.domain_id, r.image_id, r.volume_id)
-        self._storage.extend(*ids, physical)
-        new = self._storage.refresh(*ids)
+        try:
+            new = self.extend_and_refresh(ids, physical)
+        except Exception as e:
+            log.error(
+                "Cannot extend the replica before mirroring vm=%s drive=%s sd=%s vol=%s: %s",
+                vm.id, d.name, ids[1], ids[3], e,
+            )
+            raise
         log.info(
             "Extended vm=%s drive=%s which=replica sd=%s img=%s vol=%s old=%d new=%d "
             "(before mirroring)",
@@ -346,9 +420,27 @@ class Monitor:
         )
 
 
+    def extend_and_refresh(self, ids: tuple[str, str, str, str], size: int) -> int:
+        """Ask the SPM to extend the volume (in-process, or through the storage
+        mailbox and its reply), then make this host's device follow."""
+        return self._extend_and_refresh(ids, size)[0]
+
+    def _extend_and_refresh(self, ids: tuple[str, str, str, str], size: int) -> tuple[int, float]:
+        """extend_and_refresh; (its size, the monotonic time the SPM's extension ended)."""
+        self._spm.extend(*ids, size)
+        extended = time.monotonic()
+        return self._storage.refresh(*ids), extended
+
+
 def is_thin(d: drive_mod.Drive) -> bool:
     """A COW leaf on a block device: it grows by extension."""
     return d.format == drive_mod.COW and d.disk_type == drive_mod.BLOCK
+
+
+def replica_only(d: drive_mod.Drive) -> bool:
+    """A COW source that needs no extension (a file) mirrored to a thin
+    block replica: only the replica is extended."""
+    return d.format == drive_mod.COW and not is_thin(d) and replica_needs_extend(d.replica)
 
 
 def replica_needs_extend(r: drive_mod.Replica | None) -> bool:

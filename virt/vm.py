@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from virt import connection, errors, metadata
+from virt import connection, errors, metadata, notify
 from virt import drive as drive_mod
 
 log = logging.getLogger("virt.vm")
@@ -59,6 +59,8 @@ class VM:
         self._state_lock = threading.Lock()
         self._status = status
         self._pause_code = pause_code
+        # Told of every change of status or pause code (virt/notify.py).
+        self.notifier: notify.Notifier = notify.NOBODY
 
     def __repr__(self) -> str:
         return f"<VM {self.id} {self.name} {self._status}>"
@@ -78,7 +80,7 @@ class VM:
     def set_status(self, status: str, pause_code: str | None = None) -> None:
         """Set the status; pause code NOERR unless given (kept if Paused without one)."""
         with self._state_lock:
-            old = self._status
+            old, old_code = self._status, self._pause_code
             self._status = status
             if pause_code is not None:
                 self._pause_code = pause_code
@@ -87,6 +89,8 @@ class VM:
             code = self._pause_code
         if old != status:
             log.info("VM status vm=%s status=%s pause_code=%s was=%s", self.id, status, code, old)
+        if (old, old_code) != (status, code):
+            notify.safely(self.notifier.vm_status, self.id, status, code)
 
     def refresh_state(self) -> None:
         """Read status and pause code from libvirt (after a restart or a reconnect)."""

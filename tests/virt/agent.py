@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -24,7 +25,10 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     storage = storage_api.StorageAPI(spec["run_dir"], **storage_env.PROVIDER_OPTIONS)
     storage.recover()
-    api = virt_api.API(storage, virt_api.Config(accel="tcg"))
+    api = virt_api.API(
+        storage,
+        virt_api.Config(accel="tcg", drive_root=os.path.join(spec["run_dir"], "storage")),
+    )
     api.start()
     api.vm_create(spec["vm_id"], spec["params"])
     if spec.get("snapshot"):

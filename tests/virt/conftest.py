@@ -112,13 +112,22 @@ def destroy_domains(ids: list[str]) -> None:
         conn.close()
 
 
+def config_for(storage: Any, **options: Any) -> virt_api.Config:
+    """Virt's config for a "daemon" over this storage: it adopts only VMs on
+    its own prepare links, as the daemon does, so VMs of other tests (or other
+    sessions) on the shared libvirtd are never recovered into it."""
+    run_dir = getattr(storage, "run_dir", "")
+    root = os.path.join(run_dir, "storage") if run_dir else ""
+    return virt_api.Config(libvirt_uri=URI, accel="tcg", drive_root=root, **options)
+
+
 @pytest.fixture
 def make_api(domains: list[str]) -> Iterator[Callable[[Any], virt_api.API]]:
     """Factory of started virt APIs (a "daemon" each), stopped at teardown."""
     apis: list[virt_api.API] = []
 
     def make(storage: Any) -> virt_api.API:
-        a = virt_api.API(storage, virt_api.Config(libvirt_uri=URI, accel="tcg"))
+        a = virt_api.API(storage, config_for(storage))
         a.start()
         apis.append(a)
         return a

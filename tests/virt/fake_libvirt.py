@@ -52,6 +52,9 @@ class Domain:
     def UUIDString(self) -> str:  # noqa: N802
         return self.uuid
 
+    def name(self) -> str:
+        return f"vm-{self.uuid[:8]}"
+
     def state(self, flags: int = 0) -> list[int]:
         self._call("state")
         return list(self.domain_state)

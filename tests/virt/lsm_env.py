@@ -5,8 +5,9 @@ source domain (``sd_id``) of a pool that also holds a destination domain
 (``dst_sd_id``, of the same or another type), with the SPM image verbs
 (``Image.cloneStructure`` / ``syncData`` / ``delete`` through
 ``storage.image_ops.ImageOps``) and the whole storage interface virt uses
-(prepare with ``allow_illegal``, ``volume_get_info``,
-``set_volume_legality``), each call logged like StorageEnv's.
+(prepare with ``allow_illegal``, ``unsynced_volumes``,
+``set_volume_legality``; ``is_spm`` from StorageEnv), the changing calls
+logged like StorageEnv's.
 
 :func:`make_lsm_env` returns the env and a clean-up function that
 deactivates every volume, removes the VGs and detaches the loop devices,
@@ -47,10 +48,10 @@ class LsmEnv(storage_env.StorageEnv):
         self.calls.append(("prepare", vol_id))
         return self.provider.prepare(pool_id, sd_id, img_id, vol_id, allow_illegal=allow_illegal)
 
-    def volume_get_info(
-        self, storagepool_id: str, storagedomain_id: str, image_id: str, volume_id: str
-    ) -> dict[str, Any]:
-        return self.provider.volume_get_info(storagepool_id, storagedomain_id, image_id, volume_id)
+    def unsynced_volumes(
+        self, pool_id: str, sd_id: str, img_id: str, vol_id: str
+    ) -> list[dict[str, str]]:
+        return self.provider.unsynced_volumes(pool_id, sd_id, img_id, vol_id)
 
     def set_volume_legality(
         self, pool_id: str, sd_id: str, img_id: str, vol_id: str, legal: bool

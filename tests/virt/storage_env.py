@@ -77,6 +77,14 @@ class StorageEnv:
         self.calls.append(("teardown", vol_id))
         self.provider.teardown(pool_id, sd_id, img_id, vol_id)
 
+    # The SPM-request path (virt/storage_iface.py): in-process, this host is
+    # SPM unless a test says otherwise (spm = False: an HSM's answer).
+
+    spm = True
+
+    def is_spm(self, pool_id: str) -> bool:
+        return self.spm and self.provider.is_spm(pool_id)
+
     # Test helpers
 
     def create(

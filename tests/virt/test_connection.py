@@ -110,7 +110,7 @@ def test_events_arrive_after_libvirtd_restart(api, file_env, vm_params, domains)
     restart_libvirtd()
 
     assert api.connection.wait_connected(generation, timeout=60)
-    assert api.vm_get_stats(g.vm_id)["status"] == vm_mod.UP
+    assert api.vm_get_stats(g.vm_id)[0]["status"] == vm_mod.UP
     conn = conftest.libvirt_connection()
     try:
         dom = conn.lookupByUUIDString(g.vm_id)
@@ -140,7 +140,7 @@ def test_calls_survive_libvirtd_restart_without_events(api, file_env, vm_params,
     deadline = time.monotonic() + 60
     while True:
         try:
-            stats = api.vm_get_stats(g.vm_id)
+            stats = api.vm_get_stats(g.vm_id)[0]
             break
         except (errors.LibvirtUnavailableError, libvirt.libvirtError):
             if time.monotonic() > deadline:

@@ -109,8 +109,8 @@ def test_vm_survives_daemon_kill9_and_is_recovered(site, vm_params):
     vm.wait_acks(before + 10)
     site.daemon.start()
 
-    assert {"vmId": vm.vm_id, "status": "Up"} in site.call("Host.getVMList")
-    stats = site.call("VM.getStats", vmID=vm.vm_id)
+    assert (vm.vm_id, "Up") in [(v["vmId"], v["status"]) for v in site.call("Host.getVMList")]
+    stats = site.call("VM.getStats", vmID=vm.vm_id)[0]
     assert stats["status"] == "Up" and stats["pauseCode"] == "NOERR"
     disk = stats["disks"]["vda"]
     assert [v["volumeID"] for v in disk["volumeChain"]] == [base, leaf]
@@ -124,7 +124,7 @@ def test_vm_survives_daemon_kill9_and_is_recovered(site, vm_params):
     vm.wait_acks(after + 10)
     assert site.call("VM.destroy", vmID=vm.vm_id) is True
     with pytest.raises(client.ClientError) as e:
-        site.call("VM.getStats", vmID=vm.vm_id)
+        site.call("VM.getStats", vmID=vm.vm_id)[0]
     assert e.value.code == code("noVM")
     conn = libvirt_connection()
     try:
@@ -140,7 +140,7 @@ def test_vm_survives_daemon_kill9_and_is_recovered(site, vm_params):
 def test_vm_verbs_answer_coded_errors(site, vm_params):
     unknown = new_id()
     with pytest.raises(client.ClientError) as e:
-        site.call("VM.getStats", vmID=unknown)
+        site.call("VM.getStats", vmID=unknown)[0]
     assert e.value.code == code("noVM")
     drive = {"poolID": site.pool_id, "domainID": site.sd_id, "imageID": new_id(),
              "volumeID": new_id(), "format": "cow"}

@@ -194,7 +194,7 @@ def test_full_disk_pauses_with_enospc_then_cont(make_api, block_env, vm_params):
     conftest.wait_for(
         lambda: api.get_vm(g.vm_id).status == vm_mod.PAUSED, 120, "VM paused on a full disk"
     )
-    stats = api.vm_get_stats(g.vm_id)
+    stats = api.vm_get_stats(g.vm_id)[0]
     assert (stats["status"], stats["pauseCode"]) == (vm_mod.PAUSED, vm_mod.ENOSPC)
     physical = stats["disks"]["vda"]["apparentsize"]
     assert physical < 64 * MiB
@@ -203,7 +203,7 @@ def test_full_disk_pauses_with_enospc_then_cont(make_api, block_env, vm_params):
     api.stop()
     env2 = env.restart(spm=True)
     recovered = make_api(env2)
-    stats = recovered.vm_get_stats(g.vm_id)
+    stats = recovered.vm_get_stats(g.vm_id)[0]
     assert (stats["status"], stats["pauseCode"]) == (vm_mod.PAUSED, vm_mod.ENOSPC)
 
     acks = g.acks()
@@ -216,4 +216,4 @@ def test_full_disk_pauses_with_enospc_then_cont(make_api, block_env, vm_params):
     assert (vm.status, vm.pause_code) == (vm_mod.UP, vm_mod.NOERR)
     g.wait_acks(acks + 20)
     assert vm.status == vm_mod.UP
-    assert recovered.vm_get_stats(g.vm_id)["disks"]["vda"]["apparentsize"] > physical
+    assert recovered.vm_get_stats(g.vm_id)[0]["disks"]["vda"]["apparentsize"] > physical

@@ -51,8 +51,8 @@ def test_restarted_daemon_recovers_vm(make_api, file_env, vm_params):
     env2 = env.restart()
     second = make_api(env2)
 
-    assert second.host_get_vm_list() == [{"vmId": g.vm_id, "status": vm_mod.UP}]
-    stats = second.vm_get_stats(g.vm_id)
+    assert [(v["vmId"], v["status"]) for v in second.host_get_vm_list()] == [(g.vm_id, vm_mod.UP)]
+    stats = second.vm_get_stats(g.vm_id)[0]
     disk = stats["disks"]["vda"]
     assert stats["vmName"] == g.params["vmName"]
     assert disk["volumeID"] == leaf
@@ -101,7 +101,7 @@ def test_recovery_follows_live_chain_when_metadata_lags(make_api, file_env, vm_p
     env2 = env.restart()
     second = make_api(env2)
 
-    disk = second.vm_get_stats(g.vm_id)["disks"]["vda"]
+    disk = second.vm_get_stats(g.vm_id)[0]["disks"]["vda"]
     assert disk["volumeID"] == leaf
     assert [v["volumeID"] for v in disk["volumeChain"]] == [base, leaf]
     # The new leaf's reference is taken again too, so destroy releases all.
@@ -159,8 +159,8 @@ def test_kill_9_daemon_then_recover(make_api, any_env, vm_params):
     env2 = env.reopen()
     api = make_api(env2)
 
-    assert api.host_get_vm_list() == [{"vmId": g.vm_id, "status": vm_mod.UP}]
-    disk = api.vm_get_stats(g.vm_id)["disks"]["vda"]
+    assert [(v["vmId"], v["status"]) for v in api.host_get_vm_list()] == [(g.vm_id, vm_mod.UP)]
+    disk = api.vm_get_stats(g.vm_id)[0]["disks"]["vda"]
     assert [v["volumeID"] for v in disk["volumeChain"]] == [base, leaf]
     assert env2.held() == {base: 2, leaf: 1}
     # Events reach the recovered VM: the guest powers off after its writes.
@@ -209,7 +209,7 @@ def test_verbs_wait_for_recovery(make_api, file_env, vm_params):
             env2.teardown(*ids)
 
     slow = SlowStorage()
-    second = virt_api.API(slow, virt_api.Config(libvirt_uri=conftest.URI, accel="tcg"))
+    second = virt_api.API(slow, conftest.config_for(env2))
     starter = threading.Thread(target=second.start)
     starter.start()
     try:
@@ -218,12 +218,13 @@ def test_verbs_wait_for_recovery(make_api, file_env, vm_params):
             second.host_get_vm_list()
         assert e.value.name == "RecoveryInProgress"
         with pytest.raises(errors.RecoveryInProgressError):
-            second.vm_get_stats(g.vm_id)
+            second.vm_get_stats(g.vm_id)[0]
     finally:
         slow.release.set()
         starter.join(60)
     try:
-        assert second.host_get_vm_list() == [{"vmId": g.vm_id, "status": vm_mod.UP}]
+        listed = [(v["vmId"], v["status"]) for v in second.host_get_vm_list()]
+        assert listed == [(g.vm_id, vm_mod.UP)]
         second.vm_destroy(g.vm_id)
         assert env2.held() == {}
     finally:

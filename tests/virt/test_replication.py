@@ -2,7 +2,9 @@
 
 Real everything: two domains in one pool, SPM image verbs, libvirt's block
 copy of a running TCG guest that writes checksummed blocks, the pivot, and
-the verifier on the chain the VM ends on.
+the verifier on the chain the VM ends on.  Every guest case runs twice, once
+per ``[replication] api``: blockCopy and blockRebase(COPY) (the ``make_api``
+fixture below; the pivot's readiness and classification: test_pivot.py).
 """
 
 from __future__ import annotations
@@ -17,13 +19,39 @@ import pytest
 from contrib.guest import verifier
 from storage import sd
 from tests.virt import conftest, lsm_env
-from virt import domxml, errors, metadata, replication
+from virt import api as virt_api
+from virt import domxml, errors, metadata, mirror, replication
 from virt import drive as drive_mod
 from virt import vm as vm_mod
 
 pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.guest]
 
 MiB = conftest.MiB
+
+
+@pytest.fixture(params=list(mirror.APIS))
+def mirror_api(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_api(mirror_api: str, domains: list[str]) -> Iterator:
+    """conftest's make_api, once per replication api (blockcopy, blockrebase)."""
+    apis: list[virt_api.API] = []
+
+    def make(storage) -> virt_api.API:
+        config = virt_api.Config(libvirt_uri=conftest.URI, accel="tcg", replication_api=mirror_api)
+        a = virt_api.API(storage, config)
+        a.start()
+        apis.append(a)
+        return a
+
+    try:
+        yield make
+    finally:
+        conftest.destroy_domains(domains)
+        for a in apis:
+            a.stop()
 
 
 @pytest.fixture(
@@ -85,8 +113,14 @@ def running_guest(env, api, vm_params, **writer):
     return g, img, [base, leaf, snap]
 
 
+def vm_stats(api, g) -> dict:
+    """VM.getStats' dict (the verb answers VDSM's list of one)."""
+    stats = api.vm_get_stats(g.vm_id)
+    return stats[0] if isinstance(stats, list) else stats
+
+
 def replicate(api, g) -> dict | None:
-    return api.vm_get_stats(g.vm_id)["disks"]["vda"].get("replicate")
+    return vm_stats(api, g)["disks"]["vda"].get("replicate")
 
 
 def wait_ready(api, g, timeout: float = 90) -> None:
@@ -112,12 +146,13 @@ def test_live_storage_migration(make_api, any_lsm_env, vm_params):
     env.sync(img, "INTERNAL")
     wait_ready(api, g)
     rep = replicate(api, g)
-    assert rep["cur"] == rep["end"]
+    # The mirror's rate (bytes/s from successive readings) and ETA (0: ready).
+    assert rep["rate"] >= 0 and rep["eta"] == 0
     acks = g.acks()
 
     assert api.vm_disk_replicate_finish(g.vm_id, src, dst) is True
 
-    disk = api.vm_get_stats(g.vm_id)["disks"]["vda"]
+    disk = vm_stats(api, g)["disks"]["vda"]
     assert "replicate" not in disk
     assert disk["domainID"] == env.dst_sd_id
     assert disk["volumeChain"] == [
@@ -165,7 +200,7 @@ def test_finish_refused_before_internal_sync(make_api, lsm, vm_params, monkeypat
 
     assert e.value.name == "DestinationChainNotSynced"
     assert e.value.vol_id == vols[0]
-    disk = api.vm_get_stats(g.vm_id)["disks"]["vda"]
+    disk = vm_stats(api, g)["disks"]["vda"]
     assert disk["domainID"] == env.sd_id
     assert disk["replicate"]["state"] == "ready"
     assert live_disk(g.vm_id).path == env.link_path(img, snap)
@@ -199,7 +234,39 @@ def test_finish_refused_before_internal_sync(make_api, lsm, vm_params, monkeypat
         assert verifier.verify(g.serial_log, path, "qcow2").lost == 0
 
 
-def test_refusals_and_abort(make_api, lsm, vm_params):
+def test_pivot_on_a_host_that_is_not_spm_leaves_the_leaf_to_the_spm(make_api, lsm, vm_params):
+    env = lsm
+    env.spm = False  # the VM's host answers as an HSM: its SPM path runs nothing here
+    api = make_api(env)
+    g, img, vols = running_guest(env, api, vm_params)
+    snap = vols[-1]
+    src, dst = env.disk(img, snap), env.disk(img, snap, dst=True)
+    env.clone(img)
+    api.vm_disk_replicate_start(g.vm_id, src, dst)
+    wait_ready(api, g)
+
+    # Reading legality still refuses an unsynced chain.
+    with pytest.raises(errors.DestinationNotSyncedError):
+        api.vm_disk_replicate_finish(g.vm_id, src, dst)
+    env.sync(img, "INTERNAL")
+
+    assert api.vm_disk_replicate_finish(g.vm_id, src, dst) is True
+
+    assert live_disk(g.vm_id).path == env.dst_link_path(img, snap)
+    # Nothing written by this host: the leaf waits for the SPM's Volume.setLegality.
+    assert ("legal", snap) not in env.calls
+    assert env.legality(env.dst_sd_id, img, snap) == "ILLEGAL"
+    assert [env.legality(env.dst_sd_id, img, v) for v in vols[:-1]] == ["LEGAL", "LEGAL"]
+    # The engine's Volume.setLegality on the SPM (this host's provider, a verb).
+    env.provider.volume_set_legality(env.pool_id, env.dst_sd_id, img, snap, "LEGAL")
+    assert env.legality(env.dst_sd_id, img, snap) == "LEGAL"
+    g.wait_acks(g.acks() + 10)
+    api.vm_destroy(g.vm_id)
+    with env.dst_prepared(img, snap) as path:
+        assert verifier.verify(g.serial_log, path, "qcow2").lost == 0
+
+
+def test_refusals_and_abort(make_api, lsm, vm_params, mirror_api):
     env = lsm
     api = make_api(env)
     g, img, vols = running_guest(env, api, vm_params)
@@ -216,6 +283,12 @@ def test_refusals_and_abort(make_api, lsm, vm_params):
 
     env.clone(img)
     env.sync(img, "INTERNAL")
+    if mirror_api == mirror.BLOCKREBASE:
+        # blockRebase has no write-blocking mode: refused before anything is prepared.
+        with pytest.raises(errors.SyncWritesUnsupportedError) as e:
+            api.vm_disk_replicate_start(g.vm_id, src, dst, sync_writes=True)
+        assert e.value.name == "SyncWritesUnsupported"
+        assert env.dst_refs(img, snap) == 0 and replicate(api, g) is None
     # 1 MiB/s while the guest dirties ~2.5 MiB/s: the mirror stays copying.
     api.vm_disk_replicate_start(g.vm_id, src, dst, bandwidth=1, sync_writes=False)
     rep = replicate(api, g)
@@ -232,7 +305,7 @@ def test_refusals_and_abort(make_api, lsm, vm_params):
     # Abort: the VM stays on the source, the destination is released.
     assert api.vm_disk_replicate_finish(g.vm_id, src, src) is True
 
-    disk = api.vm_get_stats(g.vm_id)["disks"]["vda"]
+    disk = vm_stats(api, g)["disks"]["vda"]
     assert "replicate" not in disk
     assert disk["domainID"] == env.sd_id
     assert live_disk(g.vm_id).path == env.link_path(img, snap)
@@ -275,7 +348,7 @@ def test_block_copy_refused_releases_destination(make_api, lsm, vm_params):
 
     assert e.value.name == "replicaErr"
     assert env.dst_refs(img, snap) == 0
-    assert "replicate" not in api.vm_get_stats(g.vm_id)["disks"]["vda"]
+    assert "replicate" not in vm_stats(api, g)["disks"]["vda"]
     g.wait_acks(g.acks() + 5)
     assert api.get_vm(g.vm_id).status == vm_mod.UP
 

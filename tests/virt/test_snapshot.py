@@ -52,7 +52,7 @@ def test_snapshot_while_writing(make_api, any_env, vm_params):
 
     assert api.vm_snapshot(g.vm_id, snap(img, base, leaf, env)) is True
 
-    disk = api.vm_get_stats(g.vm_id)["disks"]["vda"]
+    disk = api.vm_get_stats(g.vm_id)[0]["disks"]["vda"]
     assert disk["volumeID"] == leaf
     assert [v["volumeID"] for v in disk["volumeChain"]] == [base, leaf]
     assert live_source(g.vm_id) == env.link_path(img, leaf)
@@ -97,7 +97,7 @@ def test_snapshot_refused_by_libvirt_keeps_old_leaf(api, file_env, vm_params):
     assert e.value.name == "snapshotErr"
     assert env.refs(img, bad) == 0
     assert env.held() == {base: 1}
-    assert api.vm_get_stats(g.vm_id)["disks"]["vda"]["volumeID"] == base
+    assert api.vm_get_stats(g.vm_id)[0]["disks"]["vda"]["volumeID"] == base
     assert live_source(g.vm_id) == env.link_path(img, base)
     # The guest still runs and writes.
     acks = g.acks()
@@ -140,7 +140,7 @@ def test_snapshot_chain_must_extend_the_drive(api, file_env, vm_params):
         api.vm_snapshot(g.vm_id, snap(img, base, new, env))
 
     assert env.held() == {base: 1}
-    assert api.vm_get_stats(g.vm_id)["disks"]["vda"]["volumeID"] == base
+    assert api.vm_get_stats(g.vm_id)[0]["disks"]["vda"]["volumeID"] == base
 
 
 def test_snapshot_of_unknown_volume(api, file_env, vm_params):

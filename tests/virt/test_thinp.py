@@ -67,6 +67,12 @@ def test_plan_extends_the_replica_first_to_the_same_size():
     assert thinp.extension_plan(64 * MiB, 8 * MiB, None, 8 * MiB) == [("source", 16 * MiB)]
 
 
+def test_replica_of_a_file_source_grows_a_chunk_past_its_data():
+    assert thinp.replica_size(64 * MiB, 5 * MiB, 8 * MiB, 8 * MiB) == 16 * MiB
+    assert thinp.replica_size(64 * MiB, 20 * MiB, 8 * MiB, 8 * MiB) == 28 * MiB
+    assert thinp.replica_size(64 * MiB, 69 * MiB, 8 * MiB, 8 * MiB) == sizes.cow_max_size(64 * MiB)
+
+
 # The monitor on fakes: a libvirt domain and storage that record calls.
 
 
@@ -155,7 +161,7 @@ def fake_vm(dom: FakeDomain, replica_path: str | None = None) -> vm_mod.VM:
 
 
 def monitor(storage: Any, vms: list[vm_mod.VM]) -> thinp.Monitor:
-    return thinp.Monitor(storage, lambda: vms, thinp.Config(1, 50, CHUNK_MB))
+    return thinp.Monitor(storage, storage, lambda: vms, thinp.Config(1, 50, CHUNK_MB))
 
 
 def test_sets_threshold_below_watermark():
@@ -247,7 +253,7 @@ def test_threshold_event_extends_without_waiting_for_the_poll():
     storage = FakeStorage(dom)
     # A poll interval far beyond the test: only the event can wake the monitor.
     config = thinp.Config(interval=600, utilization_percent=50, chunk_mb=CHUNK_MB)
-    mon = thinp.Monitor(storage, lambda: [vm], config)
+    mon = thinp.Monitor(storage, storage, lambda: [vm], config)
     disp = events.Dispatcher({vm.id: vm}.get)
     disp.threshold_hooks.append(mon.on_threshold)
     mon.start()
@@ -346,7 +352,7 @@ def block_lsm(workdir: str, domains: list[str]) -> Iterator[lsm_env.LsmEnv]:
 
 
 def disk_stats(api: virt_api.API, vm_id: str) -> dict[str, Any]:
-    return api.vm_get_stats(vm_id)["disks"]["vda"]
+    return api.vm_get_stats(vm_id)[0]["disks"]["vda"]
 
 
 def wait_physical(api: virt_api.API, vm_id: str, size: int, timeout: float = 120) -> None:
@@ -470,12 +476,12 @@ def test_failed_extension_pauses_until_retry_succeeds(make_thin_api, block_lsm, 
         return vm.status == vm_mod.PAUSED and storage.failures > 0
 
     conftest.wait_for(paused_after_failure, 120, "VM paused on a full disk, extension failed")
-    stats = api.vm_get_stats(g.vm_id)
+    stats = api.vm_get_stats(g.vm_id)[0]
     assert (stats["status"], stats["pauseCode"]) == (vm_mod.PAUSED, vm_mod.ENOSPC)
     failures = storage.failures
     conftest.wait_for(lambda: storage.failures > failures, 30, "the monitor retrying")
     # The mirror goes on, the VM stays paused.
-    stats = api.vm_get_stats(g.vm_id)
+    stats = api.vm_get_stats(g.vm_id)[0]
     assert stats["status"] == vm_mod.PAUSED
     assert stats["disks"]["vda"]["replicate"]["state"] in ("copying", "ready")
     assert api.get_vm(g.vm_id).call(lambda dom: dom.blockJobInfo("vda", 0))

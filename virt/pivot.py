@@ -1,0 +1,283 @@
+"""Ending a replication: the pivot onto the replica, or the abort back to the source.
+
+Step 5 of live storage migration (DESIGN section 1), called by
+virt/replication.py's ``finish`` with the VM's lock held.
+
+**When to pivot.**  ``ready`` means what libvirt says: the BLOCK_JOB_2
+READY event, or ``<mirror ready='yes'>`` in the live domain XML.  The pivot
+goes ahead then, whatever ``cur`` and ``end`` show at that instant: in the
+ready state QEMU copies the last dirty data itself while it completes the
+job, so a guest that keeps writing cannot starve the pivot.
+
+**A flap.**  QEMU can leave the ready state for a moment (the job goes
+to standby while it is paused or drained, and QEMU refuses to complete it
+then).  A mirror that was ready once and is not now is waited for, up to
+:data:`READY_WAIT` seconds, and a pivot that QEMU refuses while the job
+still runs is tried again within :data:`PIVOT_WINDOW` seconds, before
+Finish answers.
+
+**Every failure is classified** by its code:
+
+===============================  =====================================================
+``unavail`` 40                   not ready (yet, or again after a flap): retry Finish
+``DestinationChainNotSynced``    an internal destination volume is not LEGAL: run
+                                 ``Image.syncData INTERNAL``, then retry
+``changeDisk`` 41                libvirt or QEMU refused the pivot and the mirror
+                                 still runs: retry Finish (or abort)
+``PivotImpossible``              abort-only: the mirror failed, no job runs, the VM
+                                 is down, or the job ended without switching the
+                                 drive; call Finish with dstDisk = srcDisk
+===============================  =====================================================
+
+After a pivot the drive runs on the destination chain: metadata persisted,
+the destination leaf marked LEGAL if this host is the SPM
+(:func:`mark_leaf_legal`), the source chain's prepare references released.
+The abort cancels the mirror (the VM stays on the source) and releases the
+destination's prepare reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import libvirt
+
+from virt import drive as drive_mod
+from virt import errors, mirror, storage_iface
+from virt import vm as vm_mod
+
+log = logging.getLogger("virt.pivot")
+
+# How long Finish waits for a mirror that was ready to be ready again.
+READY_WAIT = 5.0
+# How long Finish keeps trying a pivot that QEMU refuses while the job runs.
+PIVOT_WINDOW = 5.0
+PIVOT_RETRY_DELAY = 0.25
+
+
+def pivot(
+    vm: vm_mod.VM,
+    storage: storage_iface.HostStorage,
+    spm: storage_iface.SpmRequests,
+    d: drive_mod.Drive,
+    r: drive_mod.Replica,
+) -> None:
+    """Switch the drive to its replica (the mirror must be ready, the chain synced)."""
+    _await_ready(vm, d, r)
+    check_synced(storage, r)
+    _complete(vm, d, r)
+
+    old = (d.pool_id, d.domain_id, d.image_id, list(d.prepared))
+    d.domain_id = r.domain_id
+    d.image_id = r.image_id
+    d.volume_id = r.volume_id
+    d.chain = r.chain
+    d.disk_type = r.disk_type
+    d.prepared = [r.volume_id]
+    d.threshold = 0
+    d.replica = None
+    persist(vm, d)
+    mark_leaf_legal(spm, vm.id, d.name, r.pool_id, r.domain_id, r.image_id, r.volume_id)
+    pool_id, sd_id, img_id, prepared = old
+    for vol_id in reversed(prepared):
+        teardown(storage, vm, (pool_id, sd_id, img_id, vol_id))
+    log.info(
+        "Pivot done vm=%s drive=%s now on sd=%s leaf=%s", vm.id, d.name, d.domain_id, d.path
+    )
+
+
+def abort(
+    vm: vm_mod.VM, storage: storage_iface.HostStorage, d: drive_mod.Drive, r: drive_mod.Replica
+) -> None:
+    """Cancel the mirror; the VM stays on the source, the replica is released."""
+    log.info("Aborting replication vm=%s drive=%s dst_sd=%s", vm.id, d.name, r.domain_id)
+    d.reset_job_event()
+    try:
+        vm.call(lambda dom: dom.blockJobAbort(d.name, 0))
+    except libvirt.libvirtError as e:
+        if mirror.job_info(vm, d):
+            raise errors.ReplicaError(str(e), drive=d.name, vm_id=vm.id) from e
+        log.info("No block job left to abort vm=%s drive=%s: %s", vm.id, d.name, e)
+    mirror.wait_job_end(vm, d, errors.ReplicaError)
+    d.replica = None
+    persist(vm, d)
+    teardown(storage, vm, (r.pool_id, r.domain_id, r.image_id, r.volume_id))
+    log.info("Replication aborted vm=%s drive=%s, VM stays on %s", vm.id, d.name, d.path)
+
+
+# Readiness
+
+
+def refresh_state(vm: vm_mod.VM, d: drive_mod.Drive) -> bool | None:
+    """Take the replica's state from the live domain XML's <mirror ready=...>.
+
+    Returns what the XML says (None: the disk has no mirror).  A ready
+    mirror that libvirt no longer calls ready goes back to ``copying``.
+    """
+    r = d.replica
+    if r is None or r.state == drive_mod.FAILED:
+        return None
+    ready = mirror.live_ready(vm, d)
+    if ready is True:
+        if r.state != drive_mod.READY:
+            log.info("Mirror is ready vm=%s drive=%s (from domain XML)", vm.id, d.name)
+        r.state = drive_mod.READY
+        r.ever_ready = True
+    elif r.state == drive_mod.READY:
+        log.warning("Mirror left the ready state vm=%s drive=%s", vm.id, d.name)
+        r.state = drive_mod.COPYING
+    return ready
+
+
+def _await_ready(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
+    """Return once libvirt says the mirror is ready; raise a classified error if not."""
+    deadline = time.monotonic() + READY_WAIT
+    if r.state == drive_mod.READY:
+        r.ever_ready = True  # e.g. recovered ready after a restart
+    while True:
+        _check_alive(vm, d, r)
+        if refresh_state(vm, d):
+            return
+        if not r.ever_ready or time.monotonic() >= deadline:
+            job = mirror.job_info(vm, d)
+            flap = " (it was ready: a flap)" if r.ever_ready else ""
+            raise errors.ReplicaNotReadyError(
+                f"the mirror is not ready{flap}: cur {job.get('cur', 0)} "
+                f"end {job.get('end', 0)}",
+                drive=d.name, vm_id=vm.id,
+            )
+        log.info("Mirror not ready for the pivot, waiting vm=%s drive=%s", vm.id, d.name)
+        d.wait_job(
+            lambda ev: ev is not None and ev[1] == libvirt.VIR_DOMAIN_BLOCK_JOB_READY, 0.25
+        )
+
+
+def _check_alive(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
+    """PivotImpossible unless a mirror job of the drive runs and has not failed."""
+    if vm.status == vm_mod.DOWN:
+        raise errors.PivotImpossibleError("the VM is down", drive=d.name, vm_id=vm.id)
+    if r.state == drive_mod.FAILED:
+        raise errors.PivotImpossibleError("the mirror failed", drive=d.name, vm_id=vm.id)
+    if not mirror.job_info(vm, d):
+        raise errors.PivotImpossibleError("no mirror job runs", drive=d.name, vm_id=vm.id)
+
+
+# The pivot itself
+
+
+def _complete(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
+    """blockJobAbort(PIVOT), retried within PIVOT_WINDOW while the job runs;
+    then wait for the job to end and check the drive runs the replica."""
+    deadline = time.monotonic() + PIVOT_WINDOW
+    attempt = 0
+    while True:
+        attempt += 1
+        log.info("Pivoting vm=%s drive=%s to %s attempt=%d", vm.id, d.name, r.path, attempt)
+        d.reset_job_event()
+        try:
+            vm.call(
+                lambda dom: dom.blockJobAbort(d.name, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
+                retry=False,
+            )
+            break
+        except (libvirt.libvirtError, errors.LibvirtUnavailableError) as e:
+            log.warning("Pivot refused vm=%s drive=%s attempt=%d error=%s",
+                        vm.id, d.name, attempt, e)
+            if not mirror.job_info(vm, d):
+                if _live_is_replica(vm, d, r):
+                    break  # the job ended by switching (the answer was lost)
+                raise errors.PivotImpossibleError(
+                    f"the mirror ended without switching: {e}", drive=d.name, vm_id=vm.id
+                ) from e
+            if time.monotonic() >= deadline:
+                raise errors.PivotError(
+                    f"{e} (the mirror still runs: retry or abort)", drive=d.name, vm_id=vm.id
+                ) from e
+        time.sleep(PIVOT_RETRY_DELAY)
+        try:
+            _await_ready(vm, d, r)
+        except errors.ReplicaNotReadyError as e:
+            raise errors.PivotError(
+                f"the mirror left the ready state during the pivot: {e}",
+                drive=d.name, vm_id=vm.id,
+            ) from e
+    mirror.wait_job_end(vm, d, errors.PivotError)
+    if not _live_is_replica(vm, d, r):
+        # The job ended without switching (e.g. QEMU failed the pivot): no
+        # mirror is left to pivot with.
+        raise errors.PivotImpossibleError(
+            f"the drive still runs {mirror.live_path(vm, d)} after the pivot",
+            drive=d.name, vm_id=vm.id,
+        )
+
+
+def _live_is_replica(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> bool:
+    return mirror.live_path(vm, d) == r.path
+
+
+# After the pivot, and shared helpers
+
+
+def mark_leaf_legal(
+    spm: storage_iface.SpmRequests,
+    vm_id: str,
+    drive: str,
+    pool_id: str,
+    sd_id: str,
+    img_id: str,
+    vol_id: str,
+) -> None:
+    """After a pivot: mark the new leaf LEGAL if this host is the pool's SPM.
+
+    On any other host nothing is written: the engine (or move-disk) calls
+    Volume.setLegality on the SPM. A failure is logged, never raised (the
+    pivot is done).
+    """
+    try:
+        if not spm.is_spm(pool_id):
+            log.info(
+                "Not SPM: the destination leaf is left to the SPM's Volume.setLegality "
+                "vm=%s drive=%s sd=%s vol=%s", vm_id, drive, sd_id, vol_id,
+            )
+            return
+        spm.set_volume_legality(pool_id, sd_id, img_id, vol_id, True)
+    except Exception:
+        log.exception(
+            "Cannot mark destination leaf LEGAL vm=%s drive=%s sd=%s vol=%s",
+            vm_id, drive, sd_id, vol_id,
+        )
+        return
+    log.info("Destination leaf marked LEGAL vm=%s drive=%s sd=%s vol=%s",
+             vm_id, drive, sd_id, vol_id)
+
+
+def check_synced(storage: storage_iface.HostStorage, r: drive_mod.Replica) -> None:
+    """Every internal volume of the destination chain must be LEGAL (synced)."""
+    unsynced = storage.unsynced_volumes(r.pool_id, r.domain_id, r.image_id, r.volume_id)
+    if unsynced:
+        first = unsynced[0]
+        log.warning(
+            "Refusing pivot onto unsynced chain sd=%s img=%s vol=%s legality=%s",
+            r.domain_id, r.image_id, first["volumeID"], first.get("legality"),
+        )
+        raise errors.DestinationNotSyncedError(
+            vol_id=first["volumeID"], sd_id=r.domain_id, legality=first.get("legality")
+        )
+
+
+def persist(vm: vm_mod.VM, d: drive_mod.Drive) -> None:
+    try:
+        vm.persist()
+    except (libvirt.libvirtError, errors.Error) as e:
+        # Recovery reads the live chain when the metadata lags behind.
+        log.error("Persisting drive failed vm=%s drive=%s error=%s", vm.id, d.name, e)
+
+
+def teardown(
+    storage: storage_iface.HostStorage, vm: vm_mod.VM, ids: tuple[str, str, str, str]
+) -> None:
+    try:
+        storage.teardown(*ids)
+    except Exception:
+        log.exception("Teardown failed vm=%s sd=%s volume=%s", vm.id, ids[1], ids[3])
