@@ -10,12 +10,12 @@ setuptools.setup(
     package_data={"vdsm_lsm": ["api.yml"]},
     python_requires=">=3.11",
     install_requires=[
-        "jsonrpclib-pelix>=0.4",
+        "h11>=0.14",
         "PyYAML",
         "pyudev",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "mypy==2.4.1"],
+        "test": ["pytest", "pytest-timeout", "ruff", "mypy==2.4.1", "stomp.py>=8"],
     },
     entry_points={
         "console_scripts": [

@@ -10,6 +10,14 @@ keyword arguments of a handler:
   are answered lowercase, so ``../`` can never become part of a path);
 - unknown, missing, mistyped params and unknown enum values raise
   :class:`rpc.errors.InvalidParams` naming the param;
+- what a hostile client sends is refused the same way, never reaching a
+  handler: a string is one line of text (no NUL, no control character, no
+  line break of any kind, no lone surrogate: it may become a path, an LV
+  name or a line of metadata); integers and sizes are bounded (64-bit
+  unless the spec says less; ``True`` is not a number); numbers are finite;
+  a value nests at most :data:`MAX_DEPTH` lists and objects deep; enum
+  values match exactly (no case folding, no stripping).  An error message
+  shows a bounded excerpt of the value, whatever it is;
 - param names are snake-cased for the handler (``storagepoolID`` ->
   ``storagepool_id``); nested dicts keep the caller's keys.
 
@@ -20,12 +28,16 @@ for none); the caller gets its code from the error table (0 for none) and
 the name beside it in ``error``.  With
 :meth:`rpc.dispatch.Dispatcher.error_of` for raised errors, this is how
 the daemon's answers get their codes: storage and virt carry names only.
+
+It also lists the events the server pushes (``events:``, params checked like
+results) and, for the docs, how verbs and params compare with VDSM's (``vdsm:``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -34,7 +46,7 @@ from typing import Any
 import yaml
 
 from common import uuids
-from rpc import errors
+from rpc import checks, errors
 
 log = logging.getLogger("rpc.schema")
 
@@ -50,6 +62,9 @@ ERROR_CODE = "errorCode"
 _RESULT_TYPES = {ERROR_CODE}
 # Where an errorCode field's name is answered, beside its number.
 ERROR_NAME_KEY = "error"
+
+# How deep a value may nest lists and objects (rpc.checks).
+MAX_DEPTH = checks.MAX_DEPTH
 
 
 def snake_case(name: str) -> str:
@@ -92,6 +107,7 @@ class Verb:
     # For an alias: the verb it stands for and how its param names map.
     target: str | None = None
     param_map: Mapping[str, str] | None = None
+    vdsm: Any = None  # docs only: None (VDSM's verb), False (VDSM has none) or a note
 
     @property
     def namespace(self) -> str:
@@ -114,7 +130,7 @@ class Schema:
             returns = entry.get("returns", "")
             result = returns if isinstance(returns, Mapping) else None
             text = spec_text(result) if result is not None else str(returns)
-            verb = Verb(name, entry.get("doc", ""), params, text, result)
+            verb = Verb(name, entry.get("doc", ""), params, text, result, vdsm=entry.get("vdsm"))
             self.verbs[name] = verb
             for alias, mapping in (entry.get("aliases") or {}).items():
                 by_target = {p.name: p for p in params}
@@ -130,6 +146,10 @@ class Schema:
                     target=name,
                     param_map=dict(mapping),
                 )
+        self.events: dict[str, Verb] = {}  # |namespace|event|<id>: its doc and params
+        for name, entry in (doc.get("events") or {}).items():
+            params = tuple(Param(p, spec) for p, spec in (entry.get("params") or {}).items())
+            self.events[name] = Verb(name, entry.get("doc", ""), params, "")
         self._check()
 
     @classmethod
@@ -146,6 +166,9 @@ class Schema:
                 self._check_spec(verb.result, f"{verb.name} returns")
         for name, spec in self.types.items():
             self._check_spec(spec, name)
+        for event in self.events.values():
+            for param in event.params:
+                self._check_spec(param.spec, f"{event.name}.{param.name}")
 
     def _check_spec(
         self,
@@ -183,9 +206,9 @@ class Schema:
         if not isinstance(params, Mapping):
             raise errors.InvalidParams("params must be a JSON object")
         known = {p.name for p in verb.params}
-        unknown = sorted(set(params) - known)
+        unknown = set(params) - known
         if unknown:
-            raise errors.InvalidParams(f"unknown param(s) {', '.join(unknown)} for {method}")
+            raise errors.InvalidParams(f"unknown param(s) {checks.names(unknown)} for {method}")
         values: dict[str, Any] = {}
         for param in verb.params:
             if param.name in params:
@@ -205,46 +228,62 @@ class Schema:
                     values[param.name] = param.spec["default"]
         return target, {snake_case(k): v for k, v in values.items()}
 
-    def check_value(self, spec: Mapping[str, Any], value: Any, where: str) -> Any:
+    def check_value(self, spec: Mapping[str, Any], value: Any, where: str, depth: int = 0) -> Any:
+        """value checked against spec; depth: how deep inside a param it is
+        (a named type that names itself cannot make validation recurse
+        without bound)."""
+        if depth > checks.MAX_DEPTH:
+            raise errors.InvalidParams(f"{where}: {checks.TOO_DEEP}")
         kind = spec["type"]
         if kind in self.types:
             merged = dict(self.types[kind])
             merged.update({k: v for k, v in spec.items() if k != "type"})
             merged["type"] = self.types[kind]["type"]
-            return self.check_value(merged, value, where)
-        checker = getattr(self, f"_check_{kind}")
-        return checker(spec, value, where)
+            return self.check_value(merged, value, where, depth)
+        if kind in ("list", "map", "dict"):
+            return getattr(self, f"_check_{kind}")(spec, value, where, depth)
+        return getattr(self, f"_check_{kind}")(spec, value, where)
 
     def _check_any(self, spec: Mapping[str, Any], value: Any, where: str) -> Any:
+        checks.check_depth(value, where)
         return value
 
     def _check_uuid(self, spec: Mapping[str, Any], value: Any, where: str) -> str:
         if not uuids.is_uuid(value):
-            raise errors.InvalidParams(f"{where}: not a UUID: {_short(value)}")
+            raise errors.InvalidParams(f"{where}: not a UUID: {checks.short(value)}")
         return str(uuid.UUID(value))
 
     def _check_string(self, spec: Mapping[str, Any], value: Any, where: str) -> str:
         if not isinstance(value, str):
-            raise errors.InvalidParams(f"{where}: expected a string, got {_json_type(value)}")
-        if "\x00" in value:
-            raise errors.InvalidParams(f"{where}: NUL character in string")
+            raise errors.InvalidParams(f"{where}: expected a string, got {checks.json_type(value)}")
         if len(value) > spec.get("max_length", 4096):
             raise errors.InvalidParams(f"{where}: string too long")
+        problem = checks.text_problem(value)
+        if problem:
+            raise errors.InvalidParams(f"{where}: {problem}")
         return value
 
     def _check_bool(self, spec: Mapping[str, Any], value: Any, where: str) -> bool:
         if not isinstance(value, bool):
-            raise errors.InvalidParams(f"{where}: expected a boolean, got {_json_type(value)}")
+            raise errors.InvalidParams(
+                f"{where}: expected a boolean, got {checks.json_type(value)}"
+            )
         return value
 
     def _check_int(self, spec: Mapping[str, Any], value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise errors.InvalidParams(f"{where}: expected an integer, got {_json_type(value)}")
-        return self._check_range(spec, value, where)
+            raise errors.InvalidParams(
+                f"{where}: expected an integer, got {checks.json_type(value)}"
+            )
+        return self._check_range(spec, value, where, checks.INT_MIN, checks.INT_MAX)
 
     def _check_number(self, spec: Mapping[str, Any], value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise errors.InvalidParams(f"{where}: expected a number, got {_json_type(value)}")
+            raise errors.InvalidParams(f"{where}: expected a number, got {checks.json_type(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise errors.InvalidParams(f"{where}: {value} is not a finite number")
+        if isinstance(value, int) and not checks.INT_MIN <= value <= checks.INT_MAX:
+            raise errors.InvalidParams(f"{where}: {checks.short(value)} is out of range")
         return self._check_range(spec, value, where)
 
     def _check_size(self, spec: Mapping[str, Any], value: Any, where: str) -> int:
@@ -252,60 +291,81 @@ class Schema:
         if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise errors.InvalidParams(f"{where}: expected a size in bytes, got {_short(value)}")
+            raise errors.InvalidParams(
+                f"{where}: expected a size in bytes, got {checks.short(value)}"
+            )
         if value < 0:
-            raise errors.InvalidParams(f"{where}: negative size {value}")
-        return self._check_range(spec, value, where)
+            raise errors.InvalidParams(f"{where}: negative size {checks.short(value)}")
+        return self._check_range(spec, value, where, 0, checks.INT_MAX)
 
-    def _check_range(self, spec: Mapping[str, Any], value: Any, where: str) -> Any:
-        low, high = spec.get("min"), spec.get("max")
+    def _check_range(
+        self, spec: Mapping[str, Any], value: Any, where: str,
+        low: int | None = None, high: int | None = None,
+    ) -> Any:
+        """value within spec's min and max (default: low and high)."""
+        low, high = spec.get("min", low), spec.get("max", high)
         if low is not None and value < low:
-            raise errors.InvalidParams(f"{where}: {value} is below the minimum {low}")
+            raise errors.InvalidParams(f"{where}: {checks.short(value)} is below the minimum {low}")
         if high is not None and value > high:
-            raise errors.InvalidParams(f"{where}: {value} is above the maximum {high}")
+            raise errors.InvalidParams(
+                f"{where}: {checks.short(value)} is above the maximum {high}"
+            )
         return value
 
     def _check_enum(self, spec: Mapping[str, Any], value: Any, where: str) -> str:
         allowed = [str(v) for v in spec["values"]]
         if not isinstance(value, str) or value not in allowed:
             raise errors.InvalidParams(
-                f"{where}: {_short(value)} is not one of {', '.join(allowed)}"
+                f"{where}: {checks.short(value)} is not one of {', '.join(allowed)}"
             )
         return value
 
-    def _check_list(self, spec: Mapping[str, Any], value: Any, where: str) -> list[Any]:
+    def _check_list(
+        self, spec: Mapping[str, Any], value: Any, where: str, depth: int = 0
+    ) -> list[Any]:
         if not isinstance(value, list):
-            raise errors.InvalidParams(f"{where}: expected a list, got {_json_type(value)}")
+            raise errors.InvalidParams(f"{where}: expected a list, got {checks.json_type(value)}")
         if len(value) > spec.get("max_items", 1024):
             raise errors.InvalidParams(f"{where}: too many items")
         item_spec = _item_spec(spec)
-        return [self.check_value(item_spec, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [
+            self.check_value(item_spec, v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)
+        ]
 
-    def _check_map(self, spec: Mapping[str, Any], value: Any, where: str) -> dict[str, Any]:
+    def _check_map(
+        self, spec: Mapping[str, Any], value: Any, where: str, depth: int = 0
+    ) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise errors.InvalidParams(f"{where}: expected an object, got {_json_type(value)}")
+            raise errors.InvalidParams(
+                f"{where}: expected an object, got {checks.json_type(value)}"
+            )
         if len(value) > spec.get("max_items", 1024):
             raise errors.InvalidParams(f"{where}: too many items")
         item_spec = _item_spec(spec)
         result: dict[str, Any] = {}
         for key, item in value.items():
             key = self._check_string({}, key, f"{where} key")
-            result[key] = self.check_value(item_spec, item, f"{where}.{key}")
+            result[key] = self.check_value(item_spec, item, f"{where}.{key}", depth + 1)
         return result
 
-    def _check_dict(self, spec: Mapping[str, Any], value: Any, where: str) -> dict[str, Any]:
+    def _check_dict(
+        self, spec: Mapping[str, Any], value: Any, where: str, depth: int = 0
+    ) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise errors.InvalidParams(f"{where}: expected an object, got {_json_type(value)}")
+            raise errors.InvalidParams(
+                f"{where}: expected an object, got {checks.json_type(value)}"
+            )
         props = spec.get("properties")
         if props is None:
+            checks.check_depth(value, where, depth)
             return dict(value)
         result: dict[str, Any] = {}
-        unknown = sorted(set(value) - set(props))
+        unknown = set(value) - set(props)
         if unknown and not spec.get("additional", False):
-            raise errors.InvalidParams(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+            raise errors.InvalidParams(f"{where}: unknown key(s) {checks.names(unknown)}")
         for key, sub in props.items():
             if key in value:
-                result[key] = self.check_value(sub, value[key], f"{where}.{key}")
+                result[key] = self.check_value(sub, value[key], f"{where}.{key}", depth + 1)
             elif "default" in sub:
                 result[key] = sub["default"]
             elif sub.get("required", True):
@@ -408,22 +468,3 @@ def spec_text(spec: Mapping[str, Any]) -> str:
     if kind == "list":
         return f"[{spec_text(_item_spec(spec))}]"
     return str(kind)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

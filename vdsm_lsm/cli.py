@@ -3,7 +3,7 @@
 ::
 
     vdsm-lsm-client [--socket PATH | -a HOST -p PORT [--tls-key K --tls-cert C --tls-ca CA]]
-                    Namespace verb [key=value ...] [-f params.json|-]
+                    [--stomp] Namespace verb [key=value ...] [-f params.json|-]
 
 Values are parsed as JSON where they parse (``size=1073741824``,
 ``domainList='["..."]'``), else taken as strings.  The result is printed as
@@ -12,11 +12,30 @@ JSON; an error prints its code and message and exits with status 1.
 both from the schema.
 
     vdsm-lsm-client [connection options] move-disk VMID DSTDOMAIN [--drive vda]
-                    [--pool POOL] [--delete-source] [--bandwidth MiB/s] [--timeout S]
+                    [--spm ADDRESS|SOCKET] [--pool POOL] [--delete-source]
+                    [--bandwidth MiB/s] [--timeout S] [--to-host ADDRESS|SOCKET
+                    [--serial-log PATH]] [--sync-writes auto|on|off] [--state-dir DIR]
+    vdsm-lsm-client [connection options] move-disk --cleanup [--dry-run] [--pool POOL]
+                    [--spm ADDRESS|SOCKET] [--state-dir DIR]
 
 runs the whole live storage migration of a running VM's drive
 (:mod:`vdsm_lsm.move_disk`) with a progress bar on stderr, and prints a
-JSON summary.
+JSON summary.  The connection options name the VM's host; ``--spm`` the
+pool's SPM, as a unix socket path (``/run/vdsm-lsm/api.sock``,
+``unix:PATH``) or a TCP address (``HOST``, ``HOST:PORT``, ``[IPv6]:PORT``;
+the port defaults to ``-p``'s, the TLS options apply to both hosts).
+Without ``--spm`` the VM's host must be the SPM itself.  With ``--stomp``
+both daemons are spoken to in STOMP frames (VDSM's protocol,
+:mod:`vdsm_lsm.stomp_client`) and the flow waits on their pushed events
+(task finished, mirror ready) instead of polling.  ``--to-host`` names
+another host that sees DSTDOMAIN when the VM's host does not: the VM is
+live-migrated there and its leaf travels with it (:mod:`vdsm_lsm.move_vm`).
+The move keeps a journal under ``--state-dir`` (:mod:`vdsm_lsm.journal`):
+run again after being killed, it finishes the move or rolls it back.
+``--sync-writes`` (default ``auto``) restarts a mirror that does not
+converge write-blocking (``on``: from the start; ``off``: never).
+``--cleanup`` lists and removes the leftovers of moves whose journal is gone
+(:mod:`vdsm_lsm.cleanup`; ``--dry-run``: list only) and prints them as JSON.
 
 Exit status: 0 done, 1 an error answer, 2 a bad command line, 3 the daemon
 cannot be reached, 130 a move interrupted (and rolled back).
@@ -32,18 +51,35 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
 from rpc import schema
-from vdsm_lsm import api_schema, client, client_errors, move_disk, move_progress
+from vdsm_lsm import (
+    api_schema,
+    cleanup,
+    client,
+    client_errors,
+    journal,
+    move_disk,
+    move_progress,
+    move_vm,
+    stomp_client,
+)
 
 PROG = "vdsm-lsm-client"
 MOVE_DISK = "move-disk"
 
 MOVE_DISK_USAGE = (
     f"Flow ({PROG} [connection options] {MOVE_DISK} -h for options):\n"
-    f"  {MOVE_DISK} VMID DSTDOMAIN [--drive vda] [--pool POOL] [--delete-source]"
-    " [--bandwidth MiB/s] [--timeout S]"
+    f"  {MOVE_DISK} VMID DSTDOMAIN [--drive vda] [--spm ADDRESS|SOCKET] [--pool POOL]"
+    " [--delete-source] [--bandwidth MiB/s] [--timeout S] [--to-host ADDRESS|SOCKET]"
+    " [--sync-writes auto|on|off] [--state-dir DIR]\n"
+    f"  {MOVE_DISK} --cleanup [--dry-run] [--pool POOL] [--spm ADDRESS|SOCKET] [--state-dir DIR]"
 )
+UNIX_PREFIX = "unix:"
+
+# HTTP JSON-RPC (the default) or STOMP (--stomp: VDSM's protocol, with events).
+Client = client.Client | stomp_client.StompClient
 
 
 # Help from the schema
@@ -113,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-ca")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--stomp", action="store_true",
+                        help="talk JSON-RPC over STOMP (VDSM's protocol) instead of HTTP; "
+                        "move-disk then waits on the daemons' events instead of polling")
     parser.add_argument("-f", "--params-file", help="JSON object of params; - for stdin")
     parser.add_argument("words", nargs="*")
     return parser
@@ -124,9 +163,13 @@ def build_move_disk_parser() -> argparse.ArgumentParser:
         description="Move a running VM's drive to another domain of its pool "
         "(live storage migration), with a progress bar on stderr.",
     )
-    parser.add_argument("vm_id", metavar="VMID")
-    parser.add_argument("dst_domain", metavar="DSTDOMAIN")
+    parser.add_argument("vm_id", metavar="VMID", nargs="?")
+    parser.add_argument("dst_domain", metavar="DSTDOMAIN", nargs="?")
     parser.add_argument("--drive", default="vda", help="target name of the drive (default vda)")
+    parser.add_argument("--spm", metavar="ADDRESS|SOCKET",
+                        help="the pool's SPM, when the VM's host (the connection options) "
+                        "is not: a unix socket path or unix:PATH, or HOST[:PORT] "
+                        "(default: the VM's host, if it is the SPM)")
     parser.add_argument("--pool", help="pool ID (default: the drive's, from VM.getStats)")
     parser.add_argument("--delete-source", action="store_true",
                         help="delete the source image after the pivot")
@@ -135,11 +178,32 @@ def build_move_disk_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=move_disk.DEFAULT_TIMEOUT, metavar="S",
                         help="give up and roll back after S seconds "
                         f"(default {move_disk.DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--to-host", metavar="ADDRESS|SOCKET",
+                        help="move the VM too: live-migrate it to this host's daemon, which "
+                        "sees DSTDOMAIN when the VM's host does not (forms as --spm; the "
+                        "VM's host reaches it at this address)")
+    parser.add_argument("--serial-log", metavar="PATH",
+                        help="with --to-host: the VM's serial console file there "
+                        "(default: the same path)")
+    parser.add_argument("--sync-writes", choices=move_disk.SYNC_WRITES_MODES, default="auto",
+                        help="write-blocking mirror: auto (restart it write-blocking if it "
+                        "does not converge; the default), on (from the start), off (never)")
+    parser.add_argument("--stall-timeout", type=float, default=move_disk.STALL_TIMEOUT,
+                        metavar="S", help="seconds without progress before a mirror counts "
+                        f"as not converging (default {move_disk.STALL_TIMEOUT:g})")
+    parser.add_argument("--state-dir", metavar="DIR", default=journal.default_dir(),
+                        help="where the journals of moves are kept (default "
+                        f"{journal.default_dir()})")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="instead of a move: list and remove the leftovers of moves "
+                        "whose journal is gone (no VMID DSTDOMAIN)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --cleanup: list the leftovers, remove nothing")
     return parser
 
 
-def client_from_args(args: argparse.Namespace) -> client.Client:
-    return client.Client(
+def client_from_args(args: argparse.Namespace) -> Client:
+    return client_class(args)(
         socket_path=args.socket,
         host=args.address,
         port=args.port,
@@ -148,6 +212,81 @@ def client_from_args(args: argparse.Namespace) -> client.Client:
         tls_ca=args.tls_ca,
         timeout=args.timeout,
     )
+
+
+def parse_address(text: str, default_port: int) -> tuple[str | None, str | None, int]:
+    """--spm's value: (socket path, None, 0) or (None, host, port).
+
+    A socket is ``unix:PATH`` or any text with a ``/``; else ``HOST``,
+    ``HOST:PORT`` or ``[IPv6]:PORT`` (a bare IPv6 address has no port).
+    """
+    if text.startswith(UNIX_PREFIX):
+        path = text[len(UNIX_PREFIX):]
+        if not path:
+            raise ValueError(f"no socket path in {text!r}")
+        return path, None, 0
+    if "/" in text:
+        return text, None, 0
+    host, port = text, str(default_port)
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {text!r}")
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad address {text!r}: expected HOST[:PORT] or a socket path")
+    return None, host, int(port)
+
+
+def client_class(args: argparse.Namespace) -> type[Client]:
+    return stomp_client.StompClient if args.stomp else client.Client
+
+
+def spm_client(text: str, conn: argparse.Namespace) -> Client:
+    """The SPM's client: --spm's address, with the connection options' protocol, TLS
+    and timeout."""
+    socket_path, host, port = parse_address(text, conn.port)
+    return client_class(conn)(
+        socket_path=socket_path,
+        host=host,
+        port=port,
+        tls_key=conn.tls_key,
+        tls_cert=conn.tls_cert,
+        tls_ca=conn.tls_ca,
+        timeout=conn.timeout,
+    )
+
+
+class Named:
+    """A client whose unreachable-daemon errors say which daemon (move-disk talks to two)."""
+
+    def __init__(self, rpc: Client, name: str) -> None:
+        self.rpc = rpc
+        self.name = name
+
+    def call(self, method: str, **params: Any) -> Any:
+        try:
+            return self.rpc.call(method, **params)
+        except OSError as e:
+            raise OSError(f"{self.name}: {e}") from e
+
+    def close(self) -> None:
+        self.rpc.close()
+
+
+def events_of(named: Named | None) -> stomp_client.StompClient | None:
+    """The events of a STOMP connection (move-disk waits on them); HTTP has none."""
+    if named is not None and isinstance(named.rpc, stomp_client.StompClient):
+        return named.rpc
+    return None
+
+
+def describe(rpc: Client) -> str:
+    if rpc.host is not None:
+        return f"{rpc.host}:{rpc.port}"
+    return f"unix:{rpc.socket_path}"
 
 
 # The two paths
@@ -183,18 +322,51 @@ def call_verb(args: argparse.Namespace, api: schema.Schema) -> int:
 
 def run_move_disk(connection_argv: list[str], argv: list[str]) -> int:
     """``vdsm-lsm-client [connection_argv] move-disk [argv]``: exits 0 on success."""
-    rpc = client_from_args(build_parser().parse_args(connection_argv))
-    args = build_move_disk_parser().parse_args(argv)
+    conn = build_parser().parse_args(connection_argv)
+    parser = build_move_disk_parser()
+    args = parser.parse_args(argv)
+    if not args.cleanup and (args.vm_id is None or args.dst_domain is None):
+        parser.error("VMID and DSTDOMAIN are required (or --cleanup)")
+    spm = dest = None
+    try:
+        if args.spm:
+            c = spm_client(args.spm, conn)
+            spm = Named(c, f"the SPM ({describe(c)})")
+    except ValueError as e:
+        print(f"{PROG}: --spm: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.to_host:
+            c = spm_client(args.to_host, conn)
+            dest = Named(c, f"the destination host ({describe(c)})")
+    except ValueError as e:
+        print(f"{PROG}: --to-host: {e}", file=sys.stderr)
+        return 2
+    c = client_from_args(conn)
+    rpc = Named(c, f"the VM's host ({describe(c)})")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"{PROG}: %(message)s")
     bar = move_progress.ProgressBar(sys.stderr)
-    flow = move_disk.MoveDisk(
-        rpc, args.vm_id, args.dst_domain, drive=args.drive, pool_id=args.pool,
-        delete_source=args.delete_source, bandwidth=args.bandwidth, timeout=args.timeout,
-        progress=bar,
-    )
+    flow: move_disk.MoveDisk | move_vm.MoveVM | cleanup.Cleanup
+    if args.cleanup:
+        flow = cleanup.Cleanup(rpc, args.state_dir, spm=spm, pool_id=args.pool,
+                               dry_run=args.dry_run, timeout=args.timeout)
+    elif dest is not None:
+        flow = move_vm.MoveVM(
+            rpc, dest, describe(dest.rpc), args.vm_id, args.dst_domain, drive=args.drive,
+            pool_id=args.pool, delete_source=args.delete_source, bandwidth=args.bandwidth,
+            timeout=args.timeout, progress=bar, spm=spm, serial_log=args.serial_log,
+        )
+    else:
+        flow = move_disk.MoveDisk(
+            rpc, args.vm_id, args.dst_domain, drive=args.drive, pool_id=args.pool,
+            delete_source=args.delete_source, bandwidth=args.bandwidth, timeout=args.timeout,
+            progress=bar, spm=spm, events=events_of(rpc), spm_events=events_of(spm),
+            sync_writes=args.sync_writes, stall_timeout=args.stall_timeout,
+            journal=journal.Journal(args.state_dir, args.vm_id, args.drive),
+        )
     try:
-        summary = flow.run()
+        summary: Any = flow.run()
     except client_errors.ClientError as e:
         bar.close()
         print(f"error {e.code}: {e.message}", file=sys.stderr)
@@ -203,12 +375,19 @@ def run_move_disk(connection_argv: list[str], argv: list[str]) -> int:
         bar.close()
         print(f"{PROG}: cannot reach the daemon: {e}", file=sys.stderr)
         return 3
+    except journal.JournalError as e:
+        bar.close()
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         bar.close()
         print(f"{PROG}: interrupted; the move was rolled back", file=sys.stderr)
         return 130
     finally:
         rpc.close()
+        for other in (spm, dest):
+            if other is not None:
+                other.close()
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

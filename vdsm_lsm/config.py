@@ -19,6 +19,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import glob
+import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,8 @@ def _int(low: int | None = None, high: int | None = None) -> Callable[[str], int
 def _float(low: float = 0.0) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = float(text.strip())
+        if not math.isfinite(value):
+            raise ValueError(f"{text.strip()} is not a finite number")
         if value < low:
             raise ValueError(f"{value} is below {low}")
         return value
@@ -116,17 +119,62 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "thinp": {
         "monitor_interval": Option(_float(0.1), 2.0, "watermark monitor period, seconds"),
     },
+    "mailbox": {
+        "idle_interval": Option(
+            _float(0.01), 0.1, "SPM: seconds between inbox reads while no request comes"
+        ),
+        "busy_interval": Option(
+            _float(0.005), 0.02, "SPM: seconds between inbox reads while requests come"
+        ),
+        "reply_interval": Option(
+            _float(0.001), 0.01, "HSM: seconds between reads of its reply slots (requests out)"
+        ),
+        "retry_interval": Option(_float(0.1), 2.0, "HSM: resend an unanswered request after"),
+        "request_timeout": Option(
+            _float(0.1), 20.0, "HSM: give up on an unanswered extension after, seconds"
+        ),
+        "workers": Option(_int(1, 64), 8, "SPM: extensions served at once"),
+    },
     "lvm": {
         "activation": Option(_choice("auto", "dm", "loop"), "auto", "LV activation mode"),
     },
     "sanlock": {
         "cluster_lock": Option(_choice("auto", "sanlock", "local"), "auto", "SPM lease"),
+        "io_timeout": Option(
+            _int(1, 300), 10,
+            "sanlock I/O timeout (s) of new domains' lockspaces and of add_lockspace",
+        ),
     },
     "vm": {
         "accel": Option(_choice("kvm", "tcg"), "kvm", "default accelerator of new VMs"),
+        "migration_destination_timeout": Option(
+            _float(1.0), 300.0,
+            "seconds a host that accepted VM.migrationCreate waits for the VM to arrive",
+        ),
+        "migration_peer_timeout": Option(
+            _float(1.0), 10.0,
+            "seconds the destination daemon may not answer before a migration is aborted",
+        ),
+    },
+    "replication": {
+        "api": Option(
+            _choice("blockcopy", "blockrebase"), "blockcopy",
+            "libvirt call that starts a mirror: blockcopy (also carries syncWrites) "
+            "or blockrebase (REBASE_COPY; syncWrites refused)",
+        ),
     },
     "libvirt": {
         "uri": Option(_str, "qemu:///system", "libvirt connection URI"),
+        "migration_uri": Option(
+            _str, "",
+            "how other hosts' libvirtd reach this host's, for VMs migrating here "
+            "(empty: qemu+tls://<the address the source was given>/system)",
+        ),
+        "migration_socket_dir": Option(
+            _path, "",
+            "directory for the unix sockets of incoming migration streams (memory, NBD), "
+            "seen by both hosts' QEMU (empty: TCP, libvirt's choice)",
+        ),
     },
     "logging": {
         "level": Option(_choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "log level"),
@@ -159,9 +207,11 @@ class Config:
     tls: Section
     irs: Section
     thinp: Section
+    mailbox: Section
     lvm: Section
     sanlock: Section
     vm: Section
+    replication: Section
     libvirt: Section
     logging: Section
 

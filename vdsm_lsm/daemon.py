@@ -131,24 +131,25 @@ class Daemon:
         self.lock = RunDirLock(cfg.irs.run_dir)
         self.app: app_mod.App | None = None
         self.listeners: list[server.Listener] = []
+        self.rpc: server.Server | None = None  # its publish() pushes events to STOMP clients
         self.stopping = threading.Event()
 
     def start(self) -> None:
         check_tls_policy(self.config)
         self.lock.acquire()
         self.app = app_mod.App(self.config)
+        self.rpc = rpc = server.Server(server.Protocol(self.app.dispatcher))
+        # Events reach STOMP subscribers once a listener runs (dropped before).
+        self.app.events.publish = rpc.publish
         self.app.start()
-        protocol = server.Protocol(self.app.dispatcher)
         addresses = self.config.addresses
-        self.listeners.append(server.unix_listener(addresses.unix_socket, protocol))
+        self.listeners.append(rpc.unix_listener(addresses.unix_socket))
         ssl_context = None
         if self.config.tls.enabled:
             tls = self.config.tls
             ssl_context = server.server_tls_context(tls.cert, tls.key, tls.ca)
         self.listeners.append(
-            server.tcp_listener(
-                addresses.management_ip, addresses.management_port, protocol, ssl_context
-            )
+            rpc.tcp_listener(addresses.management_ip, addresses.management_port, ssl_context)
         )
         for listener in self.listeners:
             listener.start()

@@ -99,7 +99,16 @@ class HostAPI:
             }
         return dict(self._static)
 
-    def host_get_device_list(self) -> list[dict[str, Any]]:
+    def host_get_device_list(
+        self,
+        storage_type: str | None = None,
+        guids: list[str] | None = None,
+        check_status: bool = True,
+        refresh: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Block devices; guids (VDSM's) keeps those whose path or serial is
+        listed.  storage_type, check_status and refresh: VDSM's, ignored (no
+        FC or iSCSI here; usedBy is always read; udev is always current)."""
         context = pyudev.Context()
         found = []
         for dev in context.list_devices(subsystem="block", DEVTYPE="disk"):
@@ -120,6 +129,8 @@ class HostAPI:
             }
             for node, size, dev in found
         ]
+        if guids:
+            devices = [d for d in devices if d["path"] in guids or d["serial"] in guids]
         devices.sort(key=lambda d: d["path"])
         return devices
 

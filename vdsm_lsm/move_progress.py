@@ -4,6 +4,9 @@ The flow (:mod:`vdsm_lsm.move_disk`) runs the phases below in order and
 reports each phase's fraction; :class:`Progress` turns them into one overall
 percent (each phase weighted), :class:`ProgressBar` shows it on a stream:
 one updating line on a terminal, plain periodic lines otherwise.
+:func:`mirror_detail` tells a mirror's bytes, rate and ETA, and
+:class:`Convergence` whether it converges at all (the flow then restarts
+it write-blocking, or warns).
 """
 
 from __future__ import annotations
@@ -52,6 +55,72 @@ class Progress:
             value = 100.0 * (done + self.weights[phase] * fraction) / self.total
         self.best = max(self.best, value)
         return self.best
+
+
+MiB = 1024**2
+
+
+def mirror_detail(replicate: dict[str, Any]) -> str:
+    """The progress line's detail for a mirror: bytes, and the rate and ETA
+    VM.getStats gives (daemons before them give none)."""
+    text = f"{replicate.get('cur', 0)}/{replicate.get('end', 0)} bytes"
+    if "rate" in replicate:
+        text += f", {replicate['rate'] / MiB:.1f} MiB/s"
+    eta = replicate.get("eta")
+    if isinstance(eta, int) and replicate.get("state") != "ready":
+        text += f", ETA {eta}s" if eta >= 0 else ", no ETA"
+    if replicate.get("syncWrites"):
+        text += ", write-blocking"
+    return text
+
+
+class Convergence:
+    """Whether a mirror is converging, from its own successive (cur, end) readings.
+
+    The remaining work is ``end - cur``.  A mirror not ready after ``stall``
+    seconds is *not converging* when either the remaining work has not
+    dropped below its best by ``min_gain`` of it over the last ``stall``
+    seconds, or at the speed it shrinks since the first reading it would
+    need more than ``factor`` times the time it has run already.
+    """
+
+    def __init__(
+        self,
+        stall: float = 30.0,
+        factor: float = 4.0,
+        min_gain: float = 0.01,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stall = stall
+        self.factor = factor
+        self.min_gain = min_gain
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self._start: tuple[float, int] | None = None  # time, remaining
+        self._best: tuple[float, int] | None = None
+
+    def update(self, cur: int, end: int) -> str:
+        """Record a reading; "" while converging (or too early), else why not."""
+        now = self.clock()
+        remaining = max(end - cur, 0)
+        if self._start is None or self._best is None:
+            self._start = self._best = (now, remaining)
+            return ""
+        best = self._best[1]
+        if remaining < best * (1 - self.min_gain) or remaining == 0:
+            self._best = (now, remaining)
+        elapsed = now - self._start[0]
+        if elapsed < self.stall:
+            return ""
+        if now - self._best[0] >= self.stall:
+            return (f"{remaining} bytes left, no progress in {now - self._best[0]:.0f}s")
+        shrink = (self._start[1] - remaining) / elapsed
+        if shrink <= 0 or remaining / shrink > self.factor * elapsed:
+            return (f"{remaining} bytes left after {elapsed:.0f}s, shrinking "
+                    f"{max(shrink, 0) / MiB:.2f} MiB/s")
+        return ""
 
 
 def mirror_fraction(replicate: dict[str, Any]) -> float:

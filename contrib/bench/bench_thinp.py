@@ -112,7 +112,7 @@ def run(
         api.vm_create(vm_id, params)
         verifier.wait_for_acks(serial_log, 1, timeout=BOOT_TIMEOUT)
         deadline = time.monotonic() + 300
-        while api.vm_get_stats(vm_id)["disks"]["vda"]["apparentsize"] < SPAN_MB * MiB:
+        while api.vm_get_stats(vm_id)[0]["disks"]["vda"]["apparentsize"] < SPAN_MB * MiB:
             if time.monotonic() > deadline:
                 raise TimeoutError("the volume did not grow")
             time.sleep(0.2)

@@ -122,10 +122,22 @@ class Result:
         return f"verified {self.verified} blocks, {self.lost} lost"
 
 
-def parse_log(serial_log_path: str | os.PathLike[str]) -> SerialLog:
-    """Parse a serial log; a last line without its newline is ignored."""
-    with open(serial_log_path, "rb") as f:
-        data = f.read()
+LogPaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def parse_log(serial_log_path: LogPaths) -> SerialLog:
+    """Parse a serial log; a last line without its newline is ignored.
+
+    Several paths are one console in turn (a VM that migrated wrote its
+    console on each host): read as if concatenated, so a line the first
+    host's log ends within continues in the next one's.
+    """
+    paths = ([serial_log_path] if isinstance(serial_log_path, (str, os.PathLike))
+             else list(serial_log_path))
+    data = b""
+    for path in paths:
+        with open(path, "rb") as f:
+            data += f.read()
     end = data.rfind(b"\n")
     complete = data[: end + 1] if end >= 0 else b""
     runs: list[Run] = []
@@ -178,7 +190,7 @@ def decode_block(data: bytes) -> Block | None:
 
 
 def verify(
-    serial_log_path: str | os.PathLike[str],
+    serial_log_path: LogPaths,
     image_path: str | os.PathLike[str],
     image_format: str | None = None,
     span_offset: int | None = None,
@@ -366,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m contrib.guest.verifier",
         description="Prove every write the test guest acknowledged is on the image.",
     )
-    parser.add_argument("--log", required=True, help="the guest's serial log")
+    parser.add_argument("--log", required=True, action="append",
+                        help="the guest's serial log (again for a VM that migrated: each "
+                        "host's log, in order)")
     parser.add_argument("--image", required=True, help="the image, or the top of its chain")
     parser.add_argument("--format", help="image format (qcow2, raw); probed when omitted")
     parser.add_argument("--offset", type=int, help="span offset in bytes (default: from log)")

@@ -31,6 +31,9 @@ StoragePool.detachStorageDomain StoragePool.destroy Volume.create Volume.getInfo
 Image.prepare Image.teardown Image.cloneStructure Image.syncData Image.delete Task.getStatus
 Task.getInfo Task.clear Task.stop VM.create VM.destroy VM.cont VM.getStats VM.snapshot
 VM.diskReplicateStart VM.diskReplicateFinish
+StoragePool.connectStorageServer StoragePool.disconnectStorageServer Volume.setLegality
+Image.verify
+VM.migrate VM.migrationCreate VM.getMigrationStatus VM.migrateCancel
 cloneImageStructure syncImageData diskReplicateStart diskReplicateFinish
 """.split()
 
@@ -49,7 +52,7 @@ def test_vdsm_error_numbers(api):
     expected = {
         "noVM": 1, "exist": 4, "imageErr": 13, "unavail": 40, "changeDisk": 41, "noimpl": 44,
         "replicaErr": 55, "ReplicationNotInProgress": 88, "RecoveryInProgress": 99,
-        "GeneralException": 100, "VolumeDoesNotExist": 201, "VolumeAlreadyExists": 205,
+        "GeneralException": 100, "VolumeDoesNotExist": 201, "VolumeAlreadyExists": 212,
         "StoragePoolUnknown": 309, "StorageDomainDoesNotExist": 358, "UnknownTask": 401,
         "TaskNotFinished": 403, "SpmStatusError": 654,
         "ParseError": -32700, "InvalidRequest": -32600, "MethodNotFound": -32601,
@@ -315,3 +318,129 @@ def test_map_params_check_every_value():
         api.validate("A.b", {"m": {"x": UUID, "y": "z"}})
     with pytest.raises(errors.InvalidParams, match="expected an object"):
         api.validate("A.b", {"m": [UUID]})
+
+
+# A hostile client (issue 13): every class of bad input is InvalidParams.
+
+
+@pytest.mark.parametrize(
+    "value",
+    [UUID + "\n", "\n" + UUID, UUID + " ", UUID + "\x00", "{" + UUID + "}",
+     "urn:uuid:" + UUID, UUID.replace("-", ""), "\u0664" + UUID[1:], UUID + "\u2028"],
+)
+def test_uuid_is_exactly_rfc4122_text(api, value):
+    # A `$`-anchored pattern would take the trailing newline.
+    with pytest.raises(errors.InvalidParams, match="not a UUID"):
+        api.validate("StorageDomain.getInfo", {"storagedomainID": value})
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a\x00b", "a\nb", "a\n", "a\rb", "\x1b[31m", "a\tb", "a\x7fb", "a\x85b", "a\u2028b",
+     "a\u2029b", "a\x0bb", "a\x0cb"],
+)
+def test_strings_are_one_line_of_text(api, text):
+    # A name becomes a line of domain metadata: "x\nROLE=Master" would add a key.
+    params = {"storagedomainID": UUID, "domainType": "file", "typeArgs": {"path": "/d"},
+              "name": text}
+    with pytest.raises(errors.InvalidParams, match=r"name: control character U\+"):
+        api.validate("StorageDomain.create", params)
+
+
+def test_strings_must_be_encodable(api):
+    params = {"storagedomainID": UUID, "domainType": "file", "typeArgs": {"path": "/d\ud800"},
+              "name": "n"}
+    with pytest.raises(errors.InvalidParams, match="typeArgs.path: not valid Unicode"):
+        api.validate("StorageDomain.create", params)
+    params["typeArgs"] = {"path": "/d/\u00e9\u4e2d\U0001f600"}  # any real text is fine
+    _, kwargs = api.validate("StorageDomain.create", params)
+    assert kwargs["type_args"]["path"].endswith("\U0001f600")
+
+
+@pytest.mark.parametrize(
+    "host_id, fragment",
+    [(True, "expected an integer"), (1.0, "expected an integer"),
+     (float("nan"), "expected an integer"), (2**200, "above the maximum"),
+     (10**5000, "<integer of 16610 bits> is above"), (-(2**200), "below the minimum")],
+    ids=["true", "float", "nan", "2**200", "10**5000", "-2**200"],
+)
+def test_bad_integers(api, host_id, fragment):
+    params = {"storagepoolID": UUID, "hostID": host_id, "masterSdUUID": UUID}
+    with pytest.raises(errors.InvalidParams, match=fragment):
+        api.validate("StoragePool.connect", params)
+
+
+@pytest.mark.parametrize("size", [2**200, 10**5000, "9" * 19, 2**63],
+                         ids=["2**200", "10**5000", "19 nines", "2**63"])
+def test_sizes_are_bounded_without_a_max(size):
+    api = schema.Schema({"verbs": {"A.b": {"params": {"s": {"type": "size"}}}}})
+    with pytest.raises(errors.InvalidParams, match="above the maximum"):
+        api.validate("A.b", {"s": size})
+    assert api.validate("A.b", {"s": 2**63 - 1}) == ("A.b", {"s": 2**63 - 1})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 2**200, True])
+def test_numbers_are_finite(value):
+    api = schema.Schema({"verbs": {"A.b": {"params": {"n": {"type": "number"}}}}})
+    with pytest.raises(errors.InvalidParams, match="n: "):
+        api.validate("A.b", {"n": value})
+    assert api.validate("A.b", {"n": 0.5}) == ("A.b", {"n": 0.5})
+
+
+@pytest.mark.parametrize("value", ["cow", "Cow", " COW", "COW ", "COW\n", ["COW"], "", None])
+def test_enum_values_match_exactly(api, value):
+    with pytest.raises(errors.InvalidParams, match="volFormat: .* is not one of COW, RAW"):
+        api.validate("Volume.create", _volume_create(volFormat=value))
+
+
+def _deep(depth, make):
+    value = make(None)
+    for _ in range(depth):
+        value = make(value)
+    return value
+
+
+@pytest.mark.parametrize("make", [lambda v: [v], lambda v: {"k": v}])
+def test_nesting_is_capped_without_recursion(make):
+    # 100,000 levels: neither validation nor the error message recurses.
+    api = schema.Schema({"verbs": {"A.b": {"params": {
+        "any": {"type": "any", "required": False},
+        "free": {"type": "dict", "required": False},
+        "u": {"type": "uuid", "required": False}}}}})
+    deep = _deep(100_000, make)
+    for name in ("any", "u"):
+        with pytest.raises(errors.InvalidParams, match=f"{name}: "):
+            api.validate("A.b", {name: deep})
+    with pytest.raises(errors.InvalidParams, match="nested more than 32 levels"):
+        api.validate("A.b", {"free": {"k": deep}})
+    shallow = _deep(schema.MAX_DEPTH - 1, make)
+    assert api.validate("A.b", {"any": shallow})[1] == {"any": shallow}
+
+
+def test_a_type_that_names_itself_is_capped():
+    api = schema.Schema({
+        "types": {"Tree": {"type": "dict", "properties": {
+            "child": {"type": "Tree", "required": False}}}},
+        "verbs": {"A.b": {"params": {"t": {"type": "Tree"}}}},
+    })
+    with pytest.raises(errors.InvalidParams, match="nested more than 32 levels"):
+        api.validate("A.b", {"t": _deep(100_000, lambda v: {} if v is None else {"child": v})})
+    assert api.validate("A.b", {"t": _deep(10, lambda v: {} if v is None else {"child": v})})
+
+
+def test_unknown_keys_are_named_briefly(api):
+    params = {"storagedomainID": UUID, **{f"k{i}\n": i for i in range(10_000)}}
+    with pytest.raises(errors.InvalidParams) as info:
+        api.validate("StorageDomain.getInfo", params)
+    message = str(info.value)
+    assert "and 9995 more" in message and "\n" not in message and len(message) < 400
+
+
+def test_lists_and_dicts_are_not_interchangeable(api):
+    drive = {"poolID": UUID, "domainID": UUID, "imageID": UUID, "volumeID": UUID}
+    with pytest.raises(errors.InvalidParams, match="srcDisk: expected an object, got array"):
+        api.validate("VM.diskReplicateStart", {"vmID": UUID, "srcDisk": [drive],
+                                               "dstDisk": drive})
+    with pytest.raises(errors.InvalidParams, match="domainList: expected a list, got object"):
+        api.validate("StoragePool.create", {"storagepoolID": UUID, "name": "p",
+                                            "masterSdUUID": UUID, "domainList": {"0": UUID}})

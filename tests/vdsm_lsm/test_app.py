@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from rpc import schema
-from storage import task
+from storage import jobs, task
 from vdsm_lsm import app, config
 from virt import thinp
 
@@ -120,10 +121,19 @@ def test_config_becomes_each_package_settings(cfg, daemon_app):
     # The monitor gets those settings as they are.
     assert daemon_app.virt.thinp is not None
     assert daemon_app.virt.thinp.config is daemon_app.virt._config.thinp
+    # Recovery adopts only VMs on this host's prepare links.
+    assert daemon_app.virt._config.drive_root == os.path.join(cfg.irs.run_dir, "storage")
     storage = daemon_app.storage
     assert storage.run_dir == cfg.irs.run_dir and storage.state_dir == cfg.irs.state_dir
     assert (storage.chunk_size, storage.task_workers) == (64 * 1024**2, 3)
     assert storage.cluster_lock_mode == "local"
+    # [sanlock] io_timeout reaches new lockspaces and add_lockspace.
+    assert storage.env.io_timeout == cfg.sanlock.io_timeout
+    # The one job table, bound to this provider's services: syncs copy at
+    # [irs] copy_rate_limit_mb.
+    limit = cfg.irs.copy_rate_limit_mb * 1024**2 or None  # 0: no limit
+    assert storage.job_services.copy_rate_limit_bps == limit
+    assert set(storage.job_kinds) == {kind.name for kind in jobs.KINDS}
 
 
 def _wait_finished(a: app.App, task_id: str) -> dict[str, Any]:

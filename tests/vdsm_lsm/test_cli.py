@@ -100,3 +100,30 @@ def test_move_disk_splits_connection_options_from_the_flow_options(tmp_path, cap
     sock = str(tmp_path / "none.sock")
     assert cli.main(["--socket", sock, "move-disk", "vm", "sd"]) == 3
     assert "cannot reach the daemon" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("/run/vdsm-lsm/api.sock", ("/run/vdsm-lsm/api.sock", None, 0)),
+    ("unix:api.sock", ("api.sock", None, 0)),
+    ("host1", (None, "host1", 54321)),
+    ("10.0.0.1:5000", (None, "10.0.0.1", 5000)),
+    ("[::1]:5000", (None, "::1", 5000)),
+    ("[::1]", (None, "::1", 54321)),
+    ("::1", (None, "::1", 54321)),
+])
+def test_spm_address_is_a_socket_or_host_and_port(text, expected):
+    assert cli.parse_address(text, 54321) == expected
+
+
+@pytest.mark.parametrize("text", ["host:", "host:port", "host:70000", "[::1", "unix:", ":5"])
+def test_a_bad_spm_address_is_refused(text):
+    with pytest.raises(ValueError):
+        cli.parse_address(text, 54321)
+
+
+def test_move_disk_names_the_unreachable_spm(tmp_path, capsys):
+    vm_sock, spm_sock = str(tmp_path / "vm.sock"), str(tmp_path / "spm.sock")
+    assert cli.main(["--socket", vm_sock, "move-disk", "vm", "sd", "--spm", "host:x"]) == 2
+    assert "--spm: bad address" in capsys.readouterr().err
+    assert cli.main(["--socket", vm_sock, "move-disk", "vm", "sd", "--spm", spm_sock]) == 3
+    assert f"the VM's host (unix:{vm_sock})" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def test_params_from_file_and_stdin(daemon, tmp_path):
 def test_help_lists_namespaces_and_verbs():
     proc = run_cli("-h")
     assert proc.returncode == 0
-    assert "Image: prepare, teardown, cloneStructure, syncData, delete" in proc.stdout
+    assert "Image: prepare, teardown, cloneStructure, syncData, verify, delete" in proc.stdout
     assert "cloneImageStructure -> Image.cloneStructure" in proc.stdout
 
 

@@ -41,6 +41,8 @@ def test_conf_d_overrides_in_sorted_order(tmp_path):
         ("[irs]\nrun_dir = relative/dir\n", "irs", "run_dir"),
         ("[irs]\nno_such_key = 1\n", "irs", "no_such_key"),
         ("[nosection]\na = 1\n", "nosection", ""),
+        ("[thinp]\nmonitor_interval = nan\n", "thinp", "monitor_interval"),
+        ("[irs]\noop_timeout = inf\n", "irs", "oop_timeout"),
     ],
 )
 def test_bad_value_names_file_section_key(tmp_path, text, section, key):

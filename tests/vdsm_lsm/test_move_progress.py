@@ -67,3 +67,47 @@ def test_progress_bar_redraws_one_line_on_a_tty():
     text = out.getvalue()
     assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1
     assert "[" + "#" * 15 + "-" * 15 + "]  50.0% sync syncData" in text
+
+
+def test_convergence_of_a_mirror_that_gets_there():
+    clock = Clock()
+    watch = move_progress.Convergence(stall=10, clock=clock)
+    remaining = 100
+    for _ in range(30):
+        assert watch.update(100 - remaining, 100) == ""
+        clock.now += 1
+        remaining -= 3
+
+
+def test_a_mirror_without_progress_is_not_converging_after_the_stall():
+    clock = Clock()
+    watch = move_progress.Convergence(stall=10, clock=clock)
+    verdicts = []
+    for i in range(15):
+        # cur and end both move on: end - cur stays 50 MiB.
+        verdicts.append(watch.update(i * 2**20, (i + 50) * 2**20))
+        clock.now += 1
+    assert verdicts[:10] == [""] * 10
+    assert "no progress" in verdicts[-1]
+    watch.reset()
+    assert watch.update(0, 100) == ""
+
+
+def test_a_mirror_too_slow_for_its_elapsed_time_is_not_converging():
+    clock = Clock()
+    watch = move_progress.Convergence(stall=10, factor=4, min_gain=0.001, clock=clock)
+    verdict = ""
+    for i in range(12):
+        # 1000 MiB to go, shrinking by 2 MiB/s: ~500 s more after 11 s.
+        verdict = watch.update(0, (1000 - 2 * i) * 2**20)
+        clock.now += 1
+    assert "shrinking" in verdict
+
+
+def test_mirror_detail_shows_rate_eta_and_mode():
+    rep = {"state": "copying", "cur": 5, "end": 10, "rate": 3 * 2**20, "eta": 7}
+    assert move_progress.mirror_detail(rep) == "5/10 bytes, 3.0 MiB/s, ETA 7s"
+    rep.update(eta=-1, syncWrites=True)
+    assert move_progress.mirror_detail(rep).endswith("no ETA, write-blocking")
+    # A daemon without rate/eta.
+    assert move_progress.mirror_detail({"state": "ready", "cur": 1, "end": 1}) == "1/1 bytes"
