@@ -54,6 +54,9 @@ class Daemon:
                 "volume_utilization_chunk_mb": 64,
             },
             "vm": {"accel": "tcg"},
+            # Say which lock: "auto" would pick sanlock if a daemon happened
+            # to run on the machine (tests/cluster's hosts override this).
+            "sanlock": {"cluster_lock": "local"},
             "logging": {"level": "DEBUG"},
         }
         for section, values in (config or {}).items():
