@@ -11,7 +11,10 @@ Two modes (DESIGN section 6), chosen by :func:`open`:
     pe_start + first_pe * extent_size, size limit = extents * extent_size).
     After an ``lvextend`` into the following extents, :meth:`refresh` raises
     the loop device's size limit, which a process holding it open (QEMU)
-    sees at once.
+    sees at once.  The devices bypass the page cache (direct I/O), and so
+    does a PV that is itself a loop device (a file made a disk): its direct
+    I/O is turned on at its first activation, or everything written to the
+    domain would wait in its backing file's page cache for the next flush.
 
 ``auto`` picks ``dm`` when device-mapper works (``/dev/mapper/control``
 can be opened: the node may exist without the kernel driver).
@@ -48,6 +51,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -58,6 +62,8 @@ log = logging.getLogger("storage.activation")
 
 DM_CONTROL = "/dev/mapper/control"
 MODES = ("auto", "dm", "loop")
+# How long deactivate waits for a detached device still open to be released.
+RELEASE_WAIT = 2.0
 
 _lv_locks: collections.defaultdict[tuple[str, str, str], threading.Lock] = collections.defaultdict(
     threading.Lock
@@ -178,6 +184,7 @@ class LoopActivation(Activation):
         self.state_dir = os.path.join(run_dir, "loop")
         self.direct_io = direct_io
         self.owner = owner_tag(run_dir)
+        self._direct_pvs: set[str] = set()  # PVs whose own loop device was checked
 
     def activate(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> str:
         with self._lock(vg, lv):
@@ -186,6 +193,8 @@ class LoopActivation(Activation):
                 log.debug("LV already active vg=%s lv=%s dev=%s", vg, lv, dev)
                 return dev
             pv, offset, sizelimit = self._mapping(vg, lv, vg_state)
+            if self.direct_io:
+                self._direct_pv(pv)
             state = {"device": None, "backing": pv, "offset": offset, "owner": self.owner}
 
             def record(candidate: str) -> None:
@@ -216,6 +225,25 @@ class LoopActivation(Activation):
             )
             return dev
 
+    def _direct_pv(self, pv: str) -> None:
+        """A PV that is itself a loop device over a file (the demo's, a test
+        rig's) and buffered keeps all that is written to the domain in its
+        backing file's page cache, so the next flush of any LV writes out
+        the whole backlog: QEMU's flush when it completes a mirror, while
+        the guest's I/O is drained, waited for every write the mirror made
+        since it was ready (the first pivot onto a block domain stalled the
+        guest for hundreds of ms).  Its direct I/O is turned on, as ours
+        are (same data, no backlog); checked once per PV."""
+        real = os.path.realpath(pv)
+        if real in self._direct_pvs:
+            return
+        self._direct_pvs.add(real)
+        st = loop.status(real) if loop.is_device_name(real) else None
+        if st is None or st.direct_io:
+            return
+        if loop.ensure_direct_io(real):
+            log.info("Turned on direct I/O of the PV's loop device pv=%s", real)
+
     def deactivate(self, vg: str, lv: str) -> None:
         with self._lock(vg, lv):
             dev = self._current(vg, lv)
@@ -224,16 +252,28 @@ class LoopActivation(Activation):
                     loop.detach(dev)
                 except errors.Error as e:
                     raise errors.CannotDeactivateLogicalVolume(vg=vg, lv=lv, reason=str(e)) from e
-                st = loop.status(dev)
-                if st is not None and st.autoclear:
-                    log.warning(
-                        "LV device still open, released on last close vg=%s lv=%s dev=%s",
-                        vg,
-                        lv,
-                        dev,
+                if not self._released(dev):
+                    # Its opener (QEMU) may write on: its range must not be reused.
+                    log.error(
+                        "LV device still open after %.0fs, released on its last close "
+                        "vg=%s lv=%s dev=%s", RELEASE_WAIT, vg, lv, dev,
                     )
             self._remove_state(vg, lv)
             log.info("Deactivated LV vg=%s lv=%s dev=%s", vg, lv, dev)
+
+    @staticmethod
+    def _released(dev: str) -> bool:
+        """Whether detached dev is free: a device still open is released by the
+        kernel on its last close (auto-clear), e.g. by a process closing it just
+        now; waited for up to RELEASE_WAIT seconds."""
+        deadline = time.monotonic() + RELEASE_WAIT
+        while True:
+            st = loop.status(dev)
+            if st is None or not st.autoclear:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def refresh(self, vg: str, lv: str, vg_state: lvm_model.VGState | None = None) -> int:
         with self._lock(vg, lv):

@@ -175,7 +175,7 @@ def attach(
             finally:
                 os.close(dev_fd)
             if direct_io:
-                _ensure_direct_io(dev)
+                ensure_direct_io(dev)
             log.info(
                 "Attached loop device dev=%s path=%s offset=%d sizelimit=%d ro=%s dio=%s",
                 dev,
@@ -308,6 +308,11 @@ def list() -> builtins.list[LoopDevice]:
     return result
 
 
+def is_device_name(path: str) -> bool:
+    """True if path names a loop device (/dev/loopN)."""
+    return bool(_DEV_RE.fullmatch(path))
+
+
 def find(backing: str, offset: int = 0) -> str | None:
     """The first loop device bound to backing at offset, or None."""
     real = os.path.realpath(backing)
@@ -373,17 +378,29 @@ def _get_status(fd: int, dev: str) -> bytes | None:
     return bytes(buf)
 
 
-def _ensure_direct_io(dev: str) -> None:
+def ensure_direct_io(dev: str) -> bool:
+    """Turn on direct I/O of dev if it is a bound loop device without it.
+
+    True if dev is a loop device with direct I/O now; False if it is not a
+    (bound) loop device or the kernel refused (logged: e.g. a backing file
+    on a file system without O_DIRECT).
+    """
+    if not is_device_name(dev):
+        return False
     st = status(dev)
-    if st is None or st.direct_io:
-        return
+    if st is None:
+        return False
+    if st.direct_io:
+        return True
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, LOOP_SET_DIRECT_IO, 1)
     except OSError as e:
         log.warning("Cannot enable direct I/O dev=%s err=%s", dev, os.strerror(e.errno or 0))
+        return False
     finally:
         os.close(fd)
+    return True
 
 
 def _blk_size(fd: int, what: str) -> int:

@@ -68,11 +68,15 @@ def convert(
     target_is_zero: bool = False,
     rate_limit_bps: int | None = None,
     force_share: bool = False,
+    src_size: int | None = None,
     progress: ProgressCallback | None = None,
     abort: Abortable | None = None,
     timeout: float | None = None,
 ) -> None:
     """``qemu-img convert -p`` src to dst, reporting progress (0-100).
+
+    src_size reads only the first src_size bytes of a raw src (its volume's
+    capacity: an LV is rounded up to whole extents, so it can be larger).
 
     create=False (the default) writes into an existing dst (``-n``);
     create=True makes dst, with backing/cluster_size/compat/preallocation.
@@ -87,12 +91,13 @@ def convert(
     """
     if coroutines < 1 or coroutines > 16:
         raise ValueError(f"coroutines must be 1-16, not {coroutines}")
+    if src_size is not None and src_fmt != qemuimg.RAW:
+        raise ValueError(f"src_size is for a raw source, not {src_fmt}")
     cmd = [
         qemuimg.QEMU_IMG,
         "convert",
         "-p",
-        "-f",
-        src_fmt,
+        *(["--image-opts"] if src_size is not None else ["-f", src_fmt]),
         "-O",
         dst_fmt,
         "-T",
@@ -133,7 +138,7 @@ def convert(
         cmd += ["-B", backing]
         if backing_fmt:
             cmd += ["-F", backing_fmt]
-    cmd += [src, dst]
+    cmd += [raw_window(src, src_size) if src_size is not None else src, dst]
     start = time.monotonic()
     _run_with_progress(cmd, src, dst, progress, abort, timeout)
     log.info(
@@ -156,12 +161,13 @@ def copy_layer(
     out_of_order: bool = True,
     coroutines: int = 16,
     rate_limit_bps: int | None = None,
+    src_size: int | None = None,
     progress: ProgressCallback | None = None,
     abort: Abortable | None = None,
     timeout: float | None = None,
 ) -> None:
     """Copy the data of one volume of a chain into the same volume of
-    another chain of the same structure.
+    another chain of the same structure (src_size: as :func:`convert`'s).
 
     dst must exist with the same format and backing reference as src (as
     Image.cloneStructure makes it) and the volumes below both must be
@@ -196,11 +202,10 @@ def copy_layer(
             dst=dst,
             reason=f"backing {dst_info.get('backing-filename')!r} is not {backing!r}",
         )
-    if dst_info["virtual-size"] < src_info["virtual-size"]:
+    size = src_size if src_size is not None else src_info["virtual-size"]
+    if dst_info["virtual-size"] < size:
         raise errors.LayerMismatch(
-            src=src,
-            dst=dst,
-            reason=f"virtual size {dst_info['virtual-size']} < {src_info['virtual-size']}",
+            src=src, dst=dst, reason=f"virtual size {dst_info['virtual-size']} < {size}"
         )
     if fmt == qemuimg.QCOW2 and backing and dst_info["cluster-size"] > src_info["cluster-size"]:
         # A partly written destination cluster would be filled from dst's
@@ -224,6 +229,7 @@ def copy_layer(
         out_of_order=out_of_order,
         coroutines=coroutines,
         rate_limit_bps=rate_limit_bps,
+        src_size=src_size,
         progress=progress,
         abort=abort,
         timeout=timeout,
@@ -231,6 +237,11 @@ def copy_layer(
 
 
 # Helpers
+
+
+def raw_window(path: str, size: int) -> str:
+    """The ``--image-opts`` of the first size bytes of a raw image at path."""
+    return f"driver=raw,size={int(size)},file.filename={path.replace(',', ',,')}"
 
 
 def _run_with_progress(

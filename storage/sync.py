@@ -197,6 +197,8 @@ class SyncJob(job.Job):
             "Copying volume img=%s vol=%s src=%s dst=%s fmt=%s target_is_zero=%s rate=%s",
             self.img_id, vol_id, self.src_id, self.dst_id, fmt, reads_zero, self.rate_limit_bps,
         )
+        # A raw LV is whole extents, maybe more than the volume: copy the volume.
+        src_size = md.capacity if md.format == volume.RAW else None
         start = time.monotonic()
         if reads_zero:
             qemuimg_copy.convert(
@@ -206,6 +208,7 @@ class SyncJob(job.Job):
                 fmt,
                 target_is_zero=True,
                 rate_limit_bps=self.rate_limit_bps,
+                src_size=src_size,
                 progress=progress,
                 abort=ctx.aborted,
             )
@@ -215,6 +218,7 @@ class SyncJob(job.Job):
                 dst_path,
                 fmt,
                 rate_limit_bps=self.rate_limit_bps,
+                src_size=src_size,
                 progress=progress,
                 abort=ctx.aborted,
             )

@@ -405,3 +405,35 @@ def test_copy_layer_abort(workdir: str) -> None:
             src, dst, qemuimg.QCOW2, rate_limit_bps=8 * MiB, progress=progress, abort=abort
         )
     assert not _qemu_img_running(dst)
+
+
+def test_a_raw_source_larger_than_its_volume_is_copied_up_to_its_size(workdir: str) -> None:
+    # A raw base on a block domain: its LV is whole extents (128 MiB by
+    # default), more than the volume's capacity, which a file destination has.
+    src = os.path.join(workdir, "lv,of,extents")
+    dst = os.path.join(workdir, "file-volume")
+    data = os.urandom(MiB)
+    with open(src, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB)
+        f.write(data)
+        f.seek(6 * MiB)
+        f.write(b"beyond the volume")
+    for target_is_zero in (True, False):
+        with open(dst, "wb") as f:
+            f.truncate(4 * MiB)
+        with pytest.raises(errors.Error):  # the whole LV does not fit
+            qemuimg_copy.convert(src, dst, qemuimg.RAW, qemuimg.RAW)
+
+        if target_is_zero:
+            qemuimg_copy.convert(src, dst, qemuimg.RAW, qemuimg.RAW, target_is_zero=True,
+                                 src_size=4 * MiB)
+        else:
+            qemuimg_copy.copy_layer(src, dst, qemuimg.RAW, src_size=4 * MiB)
+
+        with open(dst, "rb") as f:
+            copied = f.read()
+        assert len(copied) == 4 * MiB and copied[3 * MiB:] == data
+        assert copied[: 3 * MiB] == bytes(3 * MiB)
+    with pytest.raises(ValueError):
+        qemuimg_copy.convert(src, dst, qemuimg.QCOW2, qemuimg.RAW, src_size=4 * MiB)
