@@ -18,6 +18,11 @@ pool's SPM (virt/storage_iface.py); storage's API provider is both, so
 Verbs raise coded errors (virt/errors.py, or storage's own); during recovery
 every verb answers RecoveryInProgress.  Status and replication changes are
 told to the notifier given to :meth:`API.set_notifier` (virt/notify.py).
+
+A VM whose QEMU died has its storage released, replica included, then is
+Down with VDSM's exit info, listed until ``VM.destroy``; after a reconnect
+to libvirtd every VM's status and mirror are read again (virt/outages.py).
+
 ``VM.getStats`` answers a list of one stats dict and ``Host.getVMList``
 entries carry ``statusTime``, as VDSM's do.
 """
@@ -44,6 +49,7 @@ from virt import (
     migration_dest,
     migration_job,
     notify,
+    outages,
     recovery,
     replication,
     snapshot,
@@ -112,6 +118,8 @@ class API:
         self._creating: dict[str, vm_mod.VM | None] = {}
         self._recovering = False
         self.events = events.Dispatcher(self._event_target)
+        self.exits = outages.Exits(self._is_ours, self._teardown_drive)
+        self.events.on_down = self.exits.on_down
         # Told of status and replication changes (virt/notify.py): set_notifier.
         self.notifier: notify.Notifier = notify.NOBODY
         self.connection = connection.Connection(
@@ -140,7 +148,7 @@ class API:
             for vm in recovery.recover(
                 self.connection, self._storage, self._spm, self._config.drive_root
             ):
-                vm.notifier = self.notifier
+                self._own(vm)
                 with self._lock:
                     self._vms[vm.id] = vm
         finally:
@@ -271,7 +279,17 @@ class API:
     def vm_disk_replicate_finish(
         self, vm_id: str, src_disk: dict[str, Any], dst_disk: dict[str, Any]
     ) -> bool:
-        replication.finish(self.get_vm(vm_id), self._storage, self._spm, src_disk, dst_disk)
+        vm = self.get_vm(vm_id)
+        try:
+            replication.finish(vm, self._storage, self._spm, src_disk, dst_disk)
+        except errors.ReplicationNotInProgressError as e:
+            why = vm.exit
+            if why is None or dst_disk.get("domainID") == src_disk.get("domainID"):
+                raise
+            # QEMU died, its mirror with it (the replica was released): as pivot's own check.
+            raise errors.PivotImpossibleError(
+                f"the VM is down: {why.info()['exitMessage']}", drive=e.fields.get("drive"),
+                vm_id=vm_id) from e
         return True
 
     def vm_migrate(self, vm_id: str, params: dict[str, Any]) -> bool:
@@ -324,7 +342,7 @@ class API:
             for i, spec in enumerate(params.drives):
                 drives.append(self._prepare_drive(vm_id, i, spec))
             vm = vm_mod.VM(vm_id, params.name, drives, self.connection)
-            vm.notifier = self.notifier
+            self._own(vm)
             with self._lock:
                 self._creating[vm_id] = vm
             dom_spec = domxml.DomainSpec(
@@ -445,12 +463,23 @@ class API:
         log.info("Forgot vm=%s: it runs on another host now", vm.id)
 
     def _adopt(self, vm: vm_mod.VM) -> None:
-        vm.notifier = self.notifier
+        self._own(vm)
         with self._lock:
             self._vms[vm.id] = vm
         notify.safely(self.notifier.vm_status, vm.id, vm.status, vm.pause_code)
         if self.thinp is not None:
             self.thinp.wake()
+
+    # A VM whose QEMU is gone (virt/outages.py)
+
+    def _own(self, vm: vm_mod.VM) -> None:
+        """vm reports to this API: its notifier, and what to do when its domain is gone."""
+        vm.notifier = self.notifier
+        vm.on_gone = self.exits.gone
+
+    def _is_ours(self, vm: vm_mod.VM) -> bool:
+        with self._lock:
+            return self._vms.get(vm.id) is vm
 
     # Events and reconnects
 
@@ -462,18 +491,8 @@ class API:
             return self._vms.get(vm_id) or self._creating.get(vm_id) or incoming
 
     def _resync(self) -> None:
-        """After a reconnect: events may have been missed, read states again."""
-        for vm in self.vms():
-            if vm.status == vm_mod.DOWN:
-                continue
-            try:
-                vm.refresh_state()
-                for d in vm.drives:
-                    before = d.replica.state if d.replica is not None else None
-                    replication.refresh_state(vm, d)
-                    notify.replica_changed(self.notifier, vm.id, d, before)
-            except Exception:
-                log.exception("Cannot refresh state after reconnect vm=%s", vm.id)
+        """After a reconnect: events may have been missed (virt/outages.py)."""
+        outages.resync(self.vms(), self.notifier)
 
     def _check_ready(self) -> None:
         if self._recovering:

@@ -15,16 +15,28 @@ through :meth:`call` that fail because the connection broke
 (VIR_ERR_SYSTEM_ERROR / VIR_ERR_INTERNAL_ERROR "client socket is closed")
 reconnect and are retried once.
 
+**Riding out a libvirtd restart.**  While libvirtd does not answer, a call
+waits for it, up to ``unavailable_wait`` seconds (:data:`UNAVAILABLE_WAIT`),
+trying to connect again every ``reconnect_interval``; only then does it
+raise LibvirtUnavailableError.  Nothing is run twice by this: the wait is
+before ``fn`` runs (a connection that cannot be opened ran nothing).  Two
+kinds of caller never wait: the event loop thread (it must not block), and
+code inside ``with connection.impatient():`` (``VM.getStats`` answers what
+it knows at once, virt/vm.py).  A call that had to wait goes on only once
+``on_reconnect`` has re-read what was missed (bounded by the same wait):
+it never acts on the state of before the restart.
+
 Events are handed to ``dispatch(kind, vm_id, args)`` in the event loop
 thread, where kind is one of :data:`EVENT_KINDS`; a dispatcher must not block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import libvirt
@@ -56,8 +68,13 @@ _DISCONNECT_CODES = (
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
 
+# How long a call waits for libvirtd to answer again (a restart) before it
+# raises LibvirtUnavailableError.
+UNAVAILABLE_WAIT = 30.0
+
 _loop_lock = threading.Lock()
 _loop_thread: threading.Thread | None = None
+_local = threading.local()
 
 
 def start_event_loop() -> None:
@@ -92,6 +109,27 @@ def _run_loop() -> None:
             time.sleep(0.1)
 
 
+def in_event_loop() -> bool:
+    """Whether this thread runs libvirt's event loop (it must never block)."""
+    return _loop_thread is not None and threading.current_thread() is _loop_thread
+
+
+@contextlib.contextmanager
+def impatient() -> Iterator[None]:
+    """Calls made in this block (this thread) do not wait for libvirtd."""
+    before = getattr(_local, "impatient", False)
+    _local.impatient = True
+    try:
+        yield
+    finally:
+        _local.impatient = before
+
+
+def may_wait() -> bool:
+    """Whether a call in this thread may wait for libvirtd to come back."""
+    return not in_event_loop() and not getattr(_local, "impatient", False)
+
+
 def is_disconnect(e: libvirt.libvirtError) -> bool:
     """Whether e means the connection to libvirtd is broken."""
     return e.get_error_domain() in _DISCONNECT_DOMAINS and e.get_error_code() in _DISCONNECT_CODES
@@ -110,8 +148,10 @@ class Connection:
         on_reconnect: Callable[[], None] | None = None,
         reconnect_interval: float = 0.5,
         max_reconnect_interval: float = 5.0,
+        unavailable_wait: float = UNAVAILABLE_WAIT,
     ) -> None:
         self.uri = uri
+        self.unavailable_wait = unavailable_wait
         self._dispatch = dispatch
         self._on_reconnect = on_reconnect
         self._reconnect_interval = reconnect_interval
@@ -124,6 +164,9 @@ class Connection:
         self._callback_ids: list[int] = []
         self._closed = False
         self._reconnect_thread: threading.Thread | None = None
+        # Clear from a reconnect until on_reconnect returned.
+        self._resynced = threading.Event()
+        self._resynced.set()
         # Number of connections opened so far; tests and callers can see a
         # reconnect happened.
         self.generation = 0
@@ -137,6 +180,7 @@ class Connection:
             self._closed = False
             if self._conn is None:
                 self._open_locked()
+        self._resynced.set()  # the owner reads what it needs after open()
 
     def close(self) -> None:
         """Close the connection and stop reconnecting."""
@@ -168,10 +212,11 @@ class Connection:
         """fn(connection), retried once on a fresh connection if this one broke.
 
         Pass retry=False for calls that must not run twice (creating a
-        domain, taking a snapshot): a broken connection then raises
-        LibvirtUnavailableError.
+        domain, taking a snapshot): a connection that breaks under fn then
+        raises LibvirtUnavailableError.  Either way, a connection that cannot
+        be opened is waited for first (see the module's doc: nothing ran).
         """
-        conn = self.get()
+        conn = self._get_waiting()
         try:
             return fn(conn)
         except libvirt.libvirtError as e:
@@ -181,7 +226,30 @@ class Connection:
             self._drop(conn)
             if not retry:
                 raise errors.LibvirtUnavailableError(str(e), uri=self.uri) from e
-        return fn(self.get())
+        return fn(self._get_waiting())
+
+    def _get_waiting(self) -> libvirt.virConnect:
+        """get(), waiting up to unavailable_wait for libvirtd when it does not answer."""
+        deadline = 0.0
+        while True:
+            try:
+                conn = self.get()
+            except errors.LibvirtUnavailableError:
+                if self._closed or not may_wait():
+                    raise
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.unavailable_wait
+                    log.warning("libvirtd does not answer uri=%s: waiting up to %.0fs",
+                                self.uri, self.unavailable_wait)
+                if now >= deadline:
+                    raise
+            else:
+                if deadline and not getattr(_local, "resyncing", False):
+                    # It waited for libvirtd: not before the re-read of the reconnect.
+                    self._resynced.wait(max(0.0, deadline - time.monotonic()))
+                return conn
+            time.sleep(self._reconnect_interval)
 
     def lookup(self, vm_id: str) -> libvirt.virDomain:
         """The running domain vm_id (raises libvirtError VIR_ERR_NO_DOMAIN)."""
@@ -222,6 +290,8 @@ class Connection:
             raise errors.LibvirtUnavailableError(str(e), uri=self.uri) from e
         self._conn = conn
         self.generation += 1
+        if self.generation > 1 and self._on_reconnect is not None:
+            self._resynced.clear()
         log.info("Connected to libvirt uri=%s generation=%d", self.uri, self.generation)
         return conn
 
@@ -301,10 +371,14 @@ class Connection:
     def _notify_reconnect(self) -> None:
         if self._on_reconnect is None:
             return
+        _local.resyncing = True  # its own calls do not wait for it
         try:
             self._on_reconnect()
         except Exception:
             log.exception("Reconnect handler failed uri=%s", self.uri)
+        finally:
+            _local.resyncing = False
+            self._resynced.set()
 
     # Event callbacks (event loop thread)
 

@@ -4,7 +4,10 @@
 :class:`virt.connection.Connection`: it runs in the event loop thread, finds
 the VM by UUID and applies the event:
 
-- lifecycle: status (Up, Paused, Down); resuming clears the pause code;
+- lifecycle: status (Up, Paused, Down); resuming clears the pause code; a
+  VM that stopped gets its exit info (:func:`exit_of_stop`) and, unless it
+  left by migration, goes to ``on_down`` (virt/outages.py releases its
+  storage in a thread of its own, then sets it Down);
 - IO_ERROR_REASON with action "pause": Paused with pause code ENOSPC, EIO or
   EOTHER, then the io-error hooks (the watermark monitor extends and resumes
   a VM paused on ENOSPC);
@@ -39,6 +42,8 @@ IOErrorHook = Callable[[vm_mod.VM, drive_mod.Drive | None, str], None]
 BlockJobHook = Callable[[vm_mod.VM, drive_mod.Drive, int, int], None]
 # hook(vm, drive, dev, path, threshold, excess); dev may be "vda[3]" for a backing node
 ThresholdHook = Callable[[vm_mod.VM, drive_mod.Drive, str, str, int, int], None]
+# on_down(vm, why): the domain stopped (not by migration); must not block
+DownHook = Callable[[vm_mod.VM, vm_mod.Exit], None]
 
 _UP_EVENTS = (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED)
 _PAUSED_EVENTS = (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED)
@@ -49,6 +54,21 @@ _DOWN_EVENTS = (
 )
 
 
+def exit_of_stop(event: int, detail: int) -> vm_mod.Exit:
+    """VDSM's exit info of a domain that stopped: the guest shut it down, it
+    migrated away, or (anything else: QEMU killed or crashed, destroyed
+    behind our back) the connection with QEMU was lost.  VM.destroy sets
+    its own (ADMIN_SHUTDOWN) before the event comes."""
+    if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:  # QEMU saw a shutdown (before STOPPED)
+        return vm_mod.exit_of(vm_mod.USER_SHUTDOWN)
+    if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
+            return vm_mod.exit_of(vm_mod.USER_SHUTDOWN)
+        if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED:
+            return vm_mod.exit_of(vm_mod.MIGRATION_SUCCEEDED)
+    return vm_mod.LOST_QEMU
+
+
 class Dispatcher:
     def __init__(self, lookup: Callable[[str], vm_mod.VM | None]) -> None:
         self._lookup = lookup
@@ -57,6 +77,8 @@ class Dispatcher:
         self.threshold_hooks: list[ThresholdHook] = []
         # Told when a replica becomes ready or fails (virt/notify.py).
         self.notifier: notify.Notifier = notify.NOBODY
+        # A VM whose domain stopped (not by migration); None: just Down.
+        self.on_down: DownHook | None = None
 
     def __call__(self, kind: str, vm_id: str, args: tuple[Any, ...]) -> None:
         vm = self._lookup(vm_id)
@@ -90,7 +112,11 @@ class Dispatcher:
                 code = vm_mod.EOTHER
             vm.set_status(vm_mod.PAUSED, code)
         elif event in _DOWN_EVENTS:
-            vm.set_status(vm_mod.DOWN)
+            why = exit_of_stop(event, detail)
+            if self.on_down is not None and why.reason != vm_mod.MIGRATION_SUCCEEDED:
+                self.on_down(vm, why)
+            else:
+                vm.set_status(vm_mod.DOWN, why=why)
 
     def io_error(
         self, vm: vm_mod.VM, src_path: str, dev_alias: str, action: int, reason: str

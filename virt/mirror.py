@@ -27,6 +27,17 @@ Either way the job is the same afterwards: BLOCK_JOB_2 READY / FAILED,
 cancel.  :func:`job_info`, :func:`live_mirror_ready`, :func:`live_path` and
 :func:`wait_job_end` read it for virt/pivot.py and virt/recovery.py.
 
+**The replica's backing chain is opened at the pivot.**  For a shallow
+copy into a reused image libvirt 9.0 opens only the replica's leaf when the
+job starts; its backing chain is opened (``blockdev-add``) and put under
+the leaf (``blockdev-snapshot``) when the pivot is asked.  If the job then
+ends without switching (cancelled in QEMU after a stuck pivot, or failed),
+libvirt's abort handler deletes the leaf's nodes only, as if the chain had
+never been opened: the replica's internal volumes stay open in QEMU for the
+VM's life (on a block domain, their LVs' loop devices cannot be released,
+and the LVs would be removed under QEMU).  :func:`release_target` closes
+them, through QEMU's monitor.
+
 Write-blocking (``sync_writes``, ``VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES``,
 QEMU's ``copy-mode=write-blocking``): every guest write reaches both sides
 before it is acknowledged, so a guest writing flat out cannot outrun the
@@ -39,12 +50,14 @@ and the source leaf never gives clusters back (our drives have no
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 
 from virt import domxml, errors
 from virt import drive as drive_mod
@@ -73,6 +86,8 @@ QCOW2_MAGIC = b"QFI\xfb"
 
 # How long to wait for the block job to end after blockJobAbort.
 JOB_END_TIMEOUT = 60.0
+# How long to wait for libvirt to drop an ended job's <mirror> from the live XML.
+MIRROR_GONE_TIMEOUT = 10.0
 JOB_ENDED = (
     libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED,
     libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED,
@@ -212,3 +227,88 @@ def wait_job_end(
         if time.monotonic() > deadline:
             raise error(f"block job still running after {timeout}s", drive=d.name, vm_id=vm.id)
         d.wait_job(lambda ev: ev is not None and ev[1] in JOB_ENDED, 0.5)
+
+
+# QEMU behind libvirt: the monitor pass-through
+
+
+def qmp_answer(vm: vm_mod.VM, command: str, **arguments: Any) -> dict[str, Any]:
+    """A QMP command through libvirt-qemu's monitor pass-through (libvirt
+    marks the domain tainted); QEMU's whole answer (``return`` or ``error``)."""
+    body: dict[str, Any] = {"execute": command}
+    if arguments:
+        body["arguments"] = arguments
+    answer = vm.call(lambda dom: libvirt_qemu.qemuMonitorCommand(dom, json.dumps(body), 0))
+    return dict(json.loads(answer))
+
+
+def qmp(vm: vm_mod.VM, command: str, **arguments: Any) -> Any:
+    """A QMP command through libvirt-qemu; its ``return``."""
+    return qmp_answer(vm, command, **arguments).get("return")
+
+
+def release_target(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> list[str]:
+    """After a pivot was asked and the job ended without switching: close
+    in QEMU every node still open on a volume of the replica's chain that the
+    drive does not run on (see the module's doc); the deleted node names.
+
+    Waits (up to :data:`MIRROR_GONE_TIMEOUT`) for libvirt to have handled
+    the job's end (no ``<mirror>`` left in the live XML: it deleted the
+    replica's leaf then); a node in use by another is deleted after it.
+    Never raises: what cannot be closed is logged.
+    """
+    deadline = time.monotonic() + MIRROR_GONE_TIMEOUT
+    try:
+        while True:
+            xml = vm.call(lambda dom: dom.XMLDesc(0))
+            if live_mirror_ready(xml, d.name) is None and not job_info(vm, d):
+                break
+            if time.monotonic() >= deadline:
+                log.error("libvirt still shows the mirror, replica's nodes left open "
+                          "vm=%s drive=%s", vm.id, d.name)
+                return []
+            time.sleep(0.1)
+        live = domxml.parse_disks(xml).get(d.name)
+        running = {live.path, *(p for p, _ in live.backing)} if live is not None else set()
+        paths = {v.path for v in r.chain} - running
+        nodes = qmp(vm, "query-named-block-nodes", flat=True) or []
+    except (libvirt.libvirtError, errors.Error, ValueError) as e:
+        log.error("Cannot look for the replica's nodes in QEMU vm=%s drive=%s: %s",
+                  vm.id, d.name, e)
+        return []
+    left = [str(n["node-name"]) for n in nodes
+            if _node_file(n) in paths and not str(n.get("node-name", "#")).startswith("#")]
+    deleted: list[str] = []
+    while left:
+        refused = []
+        for name in left:
+            try:
+                answer = qmp_answer(vm, "blockdev-del", **{"node-name": name})
+            except (libvirt.libvirtError, errors.Error, ValueError) as e:
+                answer = {"error": {"desc": str(e)}}
+            if "error" in answer:
+                refused.append((name, answer["error"].get("desc", "")))
+            else:
+                deleted.append(name)
+        if len(refused) == len(left):
+            log.error("Replica's nodes left open in QEMU vm=%s drive=%s: %s",
+                      vm.id, d.name, refused)
+            break
+        left = [name for name, _ in refused]
+    if deleted:
+        log.warning("Closed the replica's nodes libvirt left open vm=%s drive=%s nodes=%s",
+                    vm.id, d.name, deleted)
+    return deleted
+
+
+def _node_file(node: dict[str, Any]) -> str:
+    """The file a block node reads: its ``file``, or, for a format node with
+    a backing (``json:{...}``), the filename of its ``file`` child."""
+    name = str(node.get("file", ""))
+    if not name.startswith("json:"):
+        return name
+    try:
+        child = json.loads(name[len("json:"):]).get("file")
+    except ValueError:
+        return ""
+    return str(child.get("filename", "")) if isinstance(child, dict) else ""

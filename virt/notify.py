@@ -7,6 +7,8 @@ them to STOMP subscribers as VDSM's events) and calls it:
 - :meth:`Notifier.vm_status` whenever a VM's status or pause code changes
   (:meth:`virt.vm.VM.set_status`: libvirt's lifecycle and I/O error events,
   ``VM.create``, ``VM.cont``, ``VM.destroy``, a refresh after a reconnect);
+  a VM that went Down comes with VDSM's exit info (``exitCode``,
+  ``exitReason``, ``exitMessage``: :class:`virt.vm.Exit`);
 - :meth:`Notifier.replication` when a drive's replica becomes ``ready`` or
   ``failed`` (the BLOCK_JOB_2 event, or the domain XML read after a
   reconnect, see :func:`replica_changed`).
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from virt import drive as drive_mod
 
@@ -31,8 +33,10 @@ TOLD_STATES = (drive_mod.READY, drive_mod.FAILED)
 
 
 class Notifier(Protocol):
-    def vm_status(self, vm_id: str, status: str, pause_code: str) -> None:
-        """A VM's status (Up, Paused, Down) or pause code changed."""
+    def vm_status(self, vm_id: str, status: str, pause_code: str,
+                  exit_info: dict[str, Any] | None = None) -> None:
+        """A VM's status (Up, Paused, Down) or pause code changed; exit_info:
+        why it went Down ({exitCode, exitReason, exitMessage}), if known."""
         ...
 
     def replication(self, vm_id: str, drive: str, state: str) -> None:
@@ -43,7 +47,8 @@ class Notifier(Protocol):
 class Nobody:
     """The notifier of a virt nobody listens to (tests, tools)."""
 
-    def vm_status(self, vm_id: str, status: str, pause_code: str) -> None:
+    def vm_status(self, vm_id: str, status: str, pause_code: str,
+                  exit_info: dict[str, Any] | None = None) -> None:
         pass
 
     def replication(self, vm_id: str, drive: str, state: str) -> None:
@@ -63,7 +68,7 @@ def replica_changed(
     safely(notifier.replication, vm_id, d.name, state)
 
 
-def safely(fn: Callable[..., None], *args: str) -> None:
+def safely(fn: Callable[..., None], *args: Any) -> None:
     """Call a notifier method; its failure is logged, never raised into virt."""
     try:
         fn(*args)

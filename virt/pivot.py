@@ -16,6 +16,22 @@ then).  A mirror that was ready once and is not now is waited for, up to
 still runs is tried again within :data:`PIVOT_WINDOW` seconds, before
 Finish answers.
 
+**A pivot QEMU accepted must end.**  Both the pivot and the abort are
+asked of libvirt asynchronously (``VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC``) and
+waited for here, boundedly: libvirt's synchronous call waits for the job's
+end holding the domain's job lock, so a job that does not end (QEMU
+accepts ``job-complete`` from a job paused behind libvirt's back, then
+waits to be resumed) would hang the call, the VM and every other call on
+its domain, QEMU monitor pass-through included.  While the pivot is
+pending, libvirt refuses both a new pivot and an abort ("still being
+ended"), and it refuses to abort a paused job at all; so a job that makes
+no progress for :data:`JOB_STALL` seconds is cancelled in QEMU itself
+(``block-job-cancel force``, through libvirt-qemu's monitor pass-through,
+which marks the domain tainted): the VM stays on the source.  A pivot that
+ends without switching leaves the replica's backing chain open in QEMU
+(libvirt opened it for the pivot): it is closed
+(:func:`virt.mirror.release_target`) before the replica is torn down.
+
 **Every failure is classified** by its code:
 
 ===============================  =====================================================
@@ -23,10 +39,14 @@ Finish answers.
 ``DestinationChainNotSynced``    an internal destination volume is not LEGAL: run
                                  ``Image.syncData INTERNAL``, then retry
 ``changeDisk`` 41                libvirt or QEMU refused the pivot and the mirror
-                                 still runs: retry Finish (or abort)
+                                 still runs, a pivot still copies after
+                                 :data:`END_TIMEOUT` (a retry waits for it again),
+                                 or the VM is paused out of space (ENOSPC) while
+                                 its replica is a thin LV: retry Finish (or abort)
 ``PivotImpossible``              abort-only: the mirror failed, no job runs, the VM
-                                 is down, or the job ended without switching the
-                                 drive; call Finish with dstDisk = srcDisk
+                                 is down, the job ended without switching the
+                                 drive, or the pivot was stuck and was cancelled;
+                                 call Finish with dstDisk = srcDisk
 ===============================  =====================================================
 
 After a pivot the drive runs on the destination chain: metadata persisted,
@@ -40,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import time
+import xml.etree.ElementTree as ET
 
 import libvirt
 
@@ -54,6 +75,12 @@ READY_WAIT = 5.0
 # How long Finish keeps trying a pivot that QEMU refuses while the job runs.
 PIVOT_WINDOW = 5.0
 PIVOT_RETRY_DELAY = 0.25
+# A job asked to end that makes no progress (cur) for this long is stuck.
+JOB_STALL = 10.0
+# How long a pivot or abort that still makes progress is waited for.
+END_TIMEOUT = mirror.JOB_END_TIMEOUT
+ASYNC = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC
+ENDED, STALLED, SLOW = "ended", "stalled", "slow"
 
 
 def pivot(
@@ -64,7 +91,13 @@ def pivot(
     r: drive_mod.Replica,
 ) -> None:
     """Switch the drive to its replica (the mirror must be ready, the chain synced)."""
-    _await_ready(vm, d, r)
+    out_of_space = vm.status == vm_mod.PAUSED and vm.pause_code == vm_mod.ENOSPC
+    if out_of_space and r.need_extend and r.disk_type == drive_mod.BLOCK:
+        raise errors.PivotError(
+            "the VM is paused out of space (ENOSPC): its thin replica may have no room; "
+            "pivot once the VM runs again, or abort", drive=d.name, vm_id=vm.id)
+    if mirror_state(vm, d) != "pivot":  # else an earlier Finish's pivot is pending
+        _await_ready(vm, d, r)
     check_synced(storage, r)
     _complete(vm, d, r)
 
@@ -92,14 +125,21 @@ def abort(
 ) -> None:
     """Cancel the mirror; the VM stays on the source, the replica is released."""
     log.info("Aborting replication vm=%s drive=%s dst_sd=%s", vm.id, d.name, r.domain_id)
+    pivot_pending = mirror_state(vm, d) == "pivot"
     d.reset_job_event()
     try:
-        vm.call(lambda dom: dom.blockJobAbort(d.name, 0))
+        vm.call(lambda dom: dom.blockJobAbort(d.name, ASYNC))
     except libvirt.libvirtError as e:
-        if mirror.job_info(vm, d):
-            raise errors.ReplicaError(str(e), drive=d.name, vm_id=vm.id) from e
-        log.info("No block job left to abort vm=%s drive=%s: %s", vm.id, d.name, e)
-    mirror.wait_job_end(vm, d, errors.ReplicaError)
+        if not mirror.job_info(vm, d):
+            log.info("No block job left to abort vm=%s drive=%s: %s", vm.id, d.name, e)
+        else:
+            # The job is paused behind libvirt's back, or a pivot of it is pending.
+            cancel_in_qemu(vm, d, errors.ReplicaError, f"libvirt cannot abort the mirror: {e}")
+    ended = _wait_end(vm, d)
+    if ended != ENDED:
+        cancel_in_qemu(vm, d, errors.ReplicaError, f"the aborted mirror is {ended}")
+    if pivot_pending:  # libvirt opened the replica's chain for that pivot
+        mirror.release_target(vm, d, r)
     d.replica = None
     persist(vm, d)
     teardown(storage, vm, (r.pool_id, r.domain_id, r.image_id, r.volume_id))
@@ -167,21 +207,22 @@ def _check_alive(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> Non
 
 
 def _complete(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
-    """blockJobAbort(PIVOT), retried within PIVOT_WINDOW while the job runs;
-    then wait for the job to end and check the drive runs the replica."""
+    """blockJobAbort(PIVOT | ASYNC), retried within PIVOT_WINDOW while the job
+    runs; then wait for the job to end and check the drive runs the replica."""
     deadline = time.monotonic() + PIVOT_WINDOW
     attempt = 0
+    flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT | ASYNC
     while True:
         attempt += 1
         log.info("Pivoting vm=%s drive=%s to %s attempt=%d", vm.id, d.name, r.path, attempt)
         d.reset_job_event()
         try:
-            vm.call(
-                lambda dom: dom.blockJobAbort(d.name, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
-                retry=False,
-            )
+            vm.call(lambda dom: dom.blockJobAbort(d.name, flags), retry=False)
             break
         except (libvirt.libvirtError, errors.LibvirtUnavailableError) as e:
+            if mirror_state(vm, d) == "pivot":
+                log.info("A pivot is pending already vm=%s drive=%s", vm.id, d.name)
+                break
             log.warning("Pivot refused vm=%s drive=%s attempt=%d error=%s",
                         vm.id, d.name, attempt, e)
             if not mirror.job_info(vm, d):
@@ -202,10 +243,25 @@ def _complete(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
                 f"the mirror left the ready state during the pivot: {e}",
                 drive=d.name, vm_id=vm.id,
             ) from e
-    mirror.wait_job_end(vm, d, errors.PivotError)
+    ended = _wait_end(vm, d)
+    if ended == SLOW:
+        raise errors.PivotError(
+            f"QEMU has not completed the pivot after {END_TIMEOUT:.0f}s, its job still copies: "
+            "the drive switches when it ends; retry Finish to wait for it, or abort",
+            drive=d.name, vm_id=vm.id)
+    if ended == STALLED and not _live_is_replica(vm, d, r):
+        why = (f"QEMU accepted the pivot, but its job made no progress for {JOB_STALL:.0f}s "
+               "(paused behind libvirt's back?)")
+        cancel_in_qemu(vm, d, errors.PivotError, why)
+        if not _live_is_replica(vm, d, r):
+            mirror.release_target(vm, d, r)
+            raise errors.PivotImpossibleError(
+                f"{why}: it was cancelled, the VM stays on the source: abort the replication",
+                drive=d.name, vm_id=vm.id)
     if not _live_is_replica(vm, d, r):
         # The job ended without switching (e.g. QEMU failed the pivot): no
         # mirror is left to pivot with.
+        mirror.release_target(vm, d, r)
         raise errors.PivotImpossibleError(
             f"the drive still runs {mirror.live_path(vm, d)} after the pivot",
             drive=d.name, vm_id=vm.id,
@@ -214,6 +270,68 @@ def _complete(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
 
 def _live_is_replica(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> bool:
     return mirror.live_path(vm, d) == r.path
+
+
+# A job asked to end: waited for, and cancelled in QEMU when stuck
+
+
+def _wait_end(vm: vm_mod.VM, d: drive_mod.Drive) -> str:
+    """Wait for the drive's block job to end: ENDED; STALLED once it made no
+    progress (cur) for JOB_STALL seconds; SLOW after END_TIMEOUT."""
+    start = moved = time.monotonic()
+    cur = None
+    while True:
+        job = mirror.job_info(vm, d)
+        if not job:
+            return ENDED
+        now = time.monotonic()
+        if job.get("cur") != cur:
+            cur, moved = job.get("cur"), now
+        elif now - moved >= JOB_STALL:
+            log.warning("Block job ending makes no progress vm=%s drive=%s job=%s",
+                        vm.id, d.name, job)
+            return STALLED
+        if now - start >= END_TIMEOUT:
+            return SLOW
+        d.wait_job(lambda ev: ev is not None and ev[1] in mirror.JOB_ENDED, 0.5)
+
+
+def mirror_state(vm: vm_mod.VM, d: drive_mod.Drive) -> str | None:
+    """The live XML's ``<mirror ready=...>`` of the drive: "yes", "pivot" (a
+    pivot pending), "abort", "" (not ready); None without a mirror."""
+    try:
+        xml = vm.call(lambda dom: dom.XMLDesc(0))
+    except libvirt.libvirtError:
+        return None
+    for disk in ET.fromstring(xml).findall("./devices/disk"):
+        target = disk.find("target")
+        if target is not None and target.get("dev") == d.name:
+            found = disk.find("mirror")
+            return None if found is None else found.get("ready", "")
+    return None
+
+
+def cancel_in_qemu(
+    vm: vm_mod.VM, d: drive_mod.Drive, error: type[errors.Error], why: str
+) -> None:
+    """Force-cancel the drive's mirror job in QEMU, which libvirt cannot (it
+    is paused, or a pivot of it is pending), and wait for its end; error if
+    that fails.  libvirt-qemu's monitor pass-through: the domain is marked
+    tainted.  The VM stays on the drive's source."""
+    log.error("Cancelling the mirror job in QEMU vm=%s drive=%s: %s", vm.id, d.name, why)
+    try:
+        jobs = [j for j in mirror.qmp(vm, "query-block-jobs") or []
+                if j.get("type") == "mirror"]
+        mine = [j for j in jobs if str(j.get("device", "")).startswith(f"copy-{d.name}-")]
+        for job in mine or (jobs if len(jobs) == 1 else []):
+            mirror.qmp(vm, "block-job-cancel", device=job["device"], force=True)
+    except (libvirt.libvirtError, ValueError, KeyError) as e:
+        raise error(f"{why}; cancelling it in QEMU failed: {e}", drive=d.name,
+                    vm_id=vm.id) from e
+    if _wait_end(vm, d) != ENDED:
+        raise error(f"{why}; the job did not end once cancelled in QEMU", drive=d.name,
+                    vm_id=vm.id)
+    log.warning("Mirror job cancelled in QEMU vm=%s drive=%s", vm.id, d.name)
 
 
 # After the pivot, and shared helpers

@@ -15,7 +15,8 @@ on another host the SPM's ``Volume.setLegality`` does it).
 
 Nothing here changes the guest: no resume, no metadata write. The prepare
 references the VM held are taken again through the storage interface (they
-lived in the old daemon's memory); a volume that cannot be prepared now is
+lived in the old daemon's memory), an ILLEGAL volume too (QEMU runs it: a
+pivot's leaf not marked LEGAL yet); a volume that cannot be prepared now is
 logged and not torn down later.
 """
 
@@ -187,11 +188,16 @@ def _recover_replica(
 
 
 def _retake_references(vm: vm_mod.VM, storage: storage_iface.HostStorage) -> None:
+    """The drives' prepare references, whatever the volumes' legality: QEMU
+    runs them already.  (After a pivot whose daemon died before the new
+    leaf was marked LEGAL, and before this host is SPM again, that leaf is
+    still ILLEGAL: refusing it would leave the running chain unreferenced,
+    and start-up would remove its links and lose its devices to no owner.)"""
     for d in vm.drives:
         held = []
         for vol_id in d.prepared:
             try:
-                storage.prepare(d.pool_id, d.domain_id, d.image_id, vol_id)
+                _prepare_running(storage, vm.id, d, vol_id)
             except Exception as e:
                 log.error(
                     "Cannot prepare volume of recovered vm=%s drive=%s volume=%s: %s",
@@ -203,6 +209,18 @@ def _retake_references(vm: vm_mod.VM, storage: storage_iface.HostStorage) -> Non
             else:
                 held.append(vol_id)
         d.prepared = held
+
+
+def _prepare_running(
+    storage: storage_iface.HostStorage, vm_id: str, d: drive_mod.Drive, vol_id: str
+) -> None:
+    """Prepare a volume QEMU runs; one storage refuses as ILLEGAL is taken anyway."""
+    try:
+        storage.prepare(d.pool_id, d.domain_id, d.image_id, vol_id)
+    except Exception as e:
+        log.warning("Volume of recovered vm=%s drive=%s volume=%s refused (%s): QEMU runs it, "
+                    "preparing it as it is", vm_id, d.name, vol_id, e)
+        storage.prepare(d.pool_id, d.domain_id, d.image_id, vol_id, allow_illegal=True)
 
 
 def _under(path: str, root: str) -> bool:

@@ -33,21 +33,20 @@ drive (COW leaf reached as a block device) of every VM:
   the replica grows by a chunk past the source's allocation
   (:func:`replica_size`);
 - a VM paused with pause code ENOSPC (``io_error_hooks``) has its thin drives
-  extended and is resumed once every extension succeeded. A failed
-  extension leaves the VM paused (and the mirror running); the next cycle
-  retries. A VM that pauses while its extension waits for the SPM's reply
-  wakes the monitor, whose next cycle (at once) resumes it once the
-  extension arrived.
+  extended and is resumed once every extension succeeded, or once the drive
+  that ran out left its thin volume (a pivot onto a file domain); a failed
+  extension leaves it paused (the mirror running) until a later cycle's;
+- **a replica that cannot be extended pauses the VM** (DESIGN section 1).
+  QEMU would not: a mirror's target error policy is ``report`` (libvirt
+  sets no other), so an overflowing replica fails the job while the guest
+  runs on.  So a failed replica extension once the source's allocation
+  crossed the replica's watermark suspends the VM (pause code ENOSPC)
+  before the replica fills; each cycle retries, and resumes the VM once
+  the replica has room or the replication ended (aborted, pivoted).
 
-One thread per daemon::
-
-    mon = Monitor(storage, spm, api.vms, thinp.Config(interval=2, utilization_percent=20,
-                                                      chunk_mb=2560))
-    api.events.threshold_hooks.append(mon.on_threshold)
-    api.events.io_error_hooks.append(mon.on_io_error)
-    mon.start() ... mon.stop()
-
-The decision (:func:`watermark`, :func:`needs_extension`, :func:`next_size`)
+One thread per daemon (``Monitor(storage, spm, api.vms, config)``, its
+hooks in ``api.events.threshold_hooks`` and ``io_error_hooks``).  The
+decision (:func:`watermark`, :func:`needs_extension`, :func:`next_size`)
 is plain arithmetic, testable without libvirt.
 """
 
@@ -157,8 +156,11 @@ class Monitor:
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        # vm id -> drive names that hit ENOSPC (None: unknown drive).
+        # vm id -> drive names that hit ENOSPC, not thin (None: unknown drive).
         self._enospc: dict[str, set[str | None]] = {}
+        # vm id -> thin drives out of room (or whose replica had none: the
+        # monitor paused the VM); no more thin (pivoted away): nothing to wait for.
+        self._paused: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self.cycles = 0
 
@@ -199,8 +201,13 @@ class Monitor:
     def on_io_error(self, vm: vm_mod.VM, d: drive_mod.Drive | None, reason: str) -> None:
         if vm_mod.pause_code_of(reason) != vm_mod.ENOSPC:
             return
+        # An unnamed node (QEMU's mirror filter over the drive) is the thin drives'.
+        thin = {x.name for x in ([d] if d else vm.drives) if is_thin(x) or replica_only(x)}
         with self._lock:
-            self._enospc.setdefault(vm.id, set()).add(d.name if d is not None else None)
+            if thin:
+                self._paused.setdefault(vm.id, set()).update(thin)
+            else:
+                self._enospc.setdefault(vm.id, set()).add(d.name if d is not None else None)
         self.wake()
 
     # The thread
@@ -226,6 +233,7 @@ class Monitor:
             if vm.status == vm_mod.DOWN:
                 with self._lock:
                     self._enospc.pop(vm.id, None)
+                    self._paused.pop(vm.id, None)
                 continue
             try:
                 self.check_vm(vm)
@@ -246,8 +254,10 @@ class Monitor:
         enospc = vm.status == vm_mod.PAUSED and vm.pause_code == vm_mod.ENOSPC
         with self._lock:
             flagged = self._enospc.get(vm.id, set()) if enospc else set()
+            paused = set(self._paused.get(vm.id, set())) if enospc else set()
             if not enospc:
                 self._enospc.pop(vm.id, None)
+                self._paused.pop(vm.id, None)
         thin = [d for d in vm.drives if is_thin(d) or replica_only(d)]
         ok = True
         room: dict[str, bool] = {}
@@ -263,8 +273,11 @@ class Monitor:
                 ok = False
         if not enospc:
             return
-        names = {n for n in flagged if n is not None} or {d.name for d in thin}
-        if not thin or any(n not in room and vm.drive(n) not in thin for n in names):
+        for name in paused:
+            if vm.drive(name) not in thin:
+                room[name] = True  # its replication ended: no replica to make room in
+        names = {n for n in flagged if n is not None} | paused or {d.name for d in thin}
+        if not names or any(n not in room and vm.drive(n) not in thin for n in names):
             # Out of space on a drive that is not ours to extend.
             log.debug("VM paused on ENOSPC of a drive not monitored vm=%s", vm.id)
             return
@@ -284,7 +297,29 @@ class Monitor:
         vm.set_status(vm_mod.UP)
         with self._lock:
             self._enospc.pop(vm.id, None)
-        log.info("Resumed vm=%s after extending its thin drives", vm.id)
+            self._paused.pop(vm.id, None)
+        log.info("Resumed vm=%s: its thin drives have room", vm.id)
+
+    def _pause_for_replica(
+        self, vm: vm_mod.VM, d: drive_mod.Drive, allocation: int, replica_physical: int, why: str
+    ) -> None:
+        """After a failed replica extension: suspend the VM (ENOSPC) if the
+        source's allocation crossed the replica's watermark."""
+        if allocation < replica_physical - self.mark:
+            return
+        with self._lock:
+            self._paused.setdefault(vm.id, set()).add(d.name)
+        if vm.status == vm_mod.PAUSED:
+            return  # already (its source out of space too, or by hand)
+        try:
+            vm.call(lambda dom: dom.suspend())
+        except libvirt.libvirtError as e:
+            log.error("Cannot pause vm=%s, its replica has no room drive=%s: %s", vm.id, d.name, e)
+            return
+        vm.set_status(vm_mod.PAUSED, vm_mod.ENOSPC)
+        log.warning("Paused vm=%s (ENOSPC): the replica of drive=%s cannot be extended "
+                    "(allocation=%d replica_physical=%d watermark=%d): %s", vm.id, d.name,
+                    allocation, replica_physical, self.mark, why)
 
     def _check_drive(self, vm: vm_mod.VM, d: drive_mod.Drive) -> bool:
         """Extend the drive if it needs it; whether it has room (is below its watermark).
@@ -302,7 +337,7 @@ class Monitor:
             replica_physical = sizes.device_size(r.path)
             if replica_physical < physical:
                 # The mirror must never have less room than the source.
-                self._extend(vm, d, "replica", physical, replica_physical)
+                self._extend_replica(vm, d, physical, replica_physical, allocation)
                 replica_physical = physical
         if needs_extension(capacity, allocation, physical, self.mark):
             log.info(
@@ -312,8 +347,10 @@ class Monitor:
             for which, size in extension_plan(
                 capacity, physical, replica_physical, self.config.chunk
             ):
-                old = physical if which == "source" else replica_physical
-                self._extend(vm, d, which, size, old or 0)
+                if which == "replica":
+                    self._extend_replica(vm, d, size, replica_physical or 0, allocation)
+                else:
+                    self._extend(vm, d, which, size, physical)
             capacity, allocation, physical = vm.call(lambda dom: dom.blockInfo(d.name, 0))
             d.update_sizes(capacity, allocation, physical)
         self._set_threshold(vm, d, capacity, physical)
@@ -333,11 +370,21 @@ class Monitor:
                 "watermark=%d", vm.id, d.name, allocation, replica_physical, self.mark,
             )
             size = replica_size(capacity, allocation, replica_physical, self.config.chunk)
-            self._extend(vm, d, "replica", size, replica_physical)
+            self._extend_replica(vm, d, size, replica_physical, allocation)
             replica_physical = sizes.device_size(r.path)
             capacity, allocation, _ = vm.call(lambda dom: dom.blockInfo(d.name, 0))
         self._set_threshold(vm, d, capacity, replica_physical)
         return allocation < replica_physical - self.mark
+
+    def _extend_replica(
+        self, vm: vm_mod.VM, d: drive_mod.Drive, size: int, old: int, allocation: int
+    ) -> None:
+        """Extend the replica; ExtensionFailed (the VM paused if needed) if not."""
+        try:
+            self._extend(vm, d, "replica", size, old)
+        except ExtensionFailed as e:
+            self._pause_for_replica(vm, d, allocation, old, str(e))
+            raise
 
     def _extend(self, vm: vm_mod.VM, d: drive_mod.Drive, which: str, size: int, old: int) -> None:
         if which == "replica":
@@ -418,7 +465,6 @@ class Monitor:
             "(before mirroring)",
             vm.id, d.name, ids[1], ids[2], ids[3], have, new,
         )
-
 
     def extend_and_refresh(self, ids: tuple[str, str, str, str], size: int) -> int:
         """Ask the SPM to extend the volume (in-process, or through the storage

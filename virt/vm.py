@@ -8,10 +8,23 @@ Two locks: ``lock`` serializes operations on the VM (snapshot, cont, destroy,
 replication) and may be held across libvirt calls; status and pause code are
 guarded by a private lock that event handlers (event loop thread) take only
 briefly, so an operation in progress never stalls event delivery.
+
+**Down, and why.**  A VM that went Down carries VDSM's exit info
+(:class:`Exit`: ``exitCode`` 0 normal / 1 error, ``exitReason``,
+``exitMessage``) in ``VM.getStats`` and in its status event.  When the
+daemon finds the domain gone without having destroyed it (QEMU killed or
+crashed: libvirt's STOPPED event, or a lookup that finds no domain),
+:meth:`VM.gone` hands it to ``on_gone`` (virt/outages.py releases the
+VM's storage first, then sets it Down, as VDSM's ``_onQemuDeath`` does);
+the VM stays listed, Down, until ``VM.destroy``.
+
+**While libvirtd is away** (restarting), :meth:`VM.stats` does not wait
+for it: it answers the last status, sizes and mirror progress it read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -34,6 +47,46 @@ NOERR = "NOERR"
 ENOSPC = "ENOSPC"
 EIO = "EIO"
 EOTHER = "EOTHER"
+
+
+# VDSM's exitCode and exitReason (vdsm/virt/vmexitreason.py), and messages.
+EXIT_NORMAL = 0
+EXIT_ERROR = 1
+LOST_QEMU_CONNECTION = 2
+MIGRATION_SUCCEEDED = 4
+ADMIN_SHUTDOWN = 6
+USER_SHUTDOWN = 7
+EXIT_MESSAGES = {
+    LOST_QEMU_CONNECTION: "Lost connection with qemu process",
+    MIGRATION_SUCCEEDED: "Migration succeeded",
+    ADMIN_SHUTDOWN: "Admin shut down from the engine",
+    USER_SHUTDOWN: "User shut down from within the guest",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Exit:
+    """Why a VM is Down (VDSM's exit info)."""
+
+    code: int
+    reason: int
+    message: str = ""
+
+    def info(self) -> dict[str, Any]:
+        return {"exitCode": self.code, "exitReason": self.reason,
+                "exitMessage": self.message or EXIT_MESSAGES.get(self.reason, "")}
+
+
+def exit_of(reason: int) -> Exit:
+    """The Exit of a reason: an error unless the guest, the engine or a
+    migration ended the VM."""
+    code = EXIT_NORMAL if reason in (MIGRATION_SUCCEEDED, ADMIN_SHUTDOWN, USER_SHUTDOWN) \
+        else EXIT_ERROR
+    return Exit(code, reason, EXIT_MESSAGES.get(reason, ""))
+
+
+LOST_QEMU = exit_of(LOST_QEMU_CONNECTION)
+DESTROYED = exit_of(ADMIN_SHUTDOWN)
 
 
 def pause_code_of(reason: str) -> str:
@@ -59,8 +112,17 @@ class VM:
         self._state_lock = threading.Lock()
         self._status = status
         self._pause_code = pause_code
+        # Why it is Down, once it went Down (None: not known, or not Down).
+        self._exit: Exit | None = None
         # Told of every change of status or pause code (virt/notify.py).
         self.notifier: notify.Notifier = notify.NOBODY
+        # Called when the domain is found gone without VM.destroy (virt/api.py
+        # releases the storage, then calls set_status(DOWN, why=...)); None:
+        # just Down.
+        self.on_gone: Callable[[VM, Exit], None] | None = None
+        # The last mirror progress read per drive, (cur, end): answered while
+        # libvirtd cannot be asked.
+        self._job_progress: dict[str, tuple[int, int]] = {}
 
     def __repr__(self) -> str:
         return f"<VM {self.id} {self.name} {self._status}>"
@@ -77,20 +139,42 @@ class VM:
         with self._state_lock:
             return self._pause_code
 
-    def set_status(self, status: str, pause_code: str | None = None) -> None:
-        """Set the status; pause code NOERR unless given (kept if Paused without one)."""
+    @property
+    def exit(self) -> Exit | None:
+        """Why the VM is Down (None unless Down with a known reason)."""
         with self._state_lock:
-            old, old_code = self._status, self._pause_code
+            return self._exit if self._status == DOWN else None
+
+    def set_status(self, status: str, pause_code: str | None = None,
+                   why: Exit | None = None) -> None:
+        """Set the status; pause code NOERR unless given (kept if Paused without
+        one); why: why it is Down (kept if Down again without one)."""
+        with self._state_lock:
+            old, old_code, old_exit = self._status, self._pause_code, self._exit
             self._status = status
             if pause_code is not None:
                 self._pause_code = pause_code
             elif status != PAUSED:
                 self._pause_code = NOERR
-            code = self._pause_code
-        if old != status:
-            log.info("VM status vm=%s status=%s pause_code=%s was=%s", self.id, status, code, old)
-        if (old, old_code) != (status, code):
-            notify.safely(self.notifier.vm_status, self.id, status, code)
+            if status != DOWN:
+                self._exit = None
+            elif why is not None:
+                self._exit = why
+            code, new_exit = self._pause_code, self._exit
+        if old != status or old_exit != new_exit:
+            log.info("VM status vm=%s status=%s pause_code=%s exit=%s was=%s",
+                     self.id, status, code, new_exit.info() if new_exit else None, old)
+        if (old, old_code, old_exit) != (status, code, new_exit):
+            info = new_exit.info() if new_exit is not None else None
+            notify.safely(self.notifier.vm_status, self.id, status, code, info)
+
+    def gone(self, why: Exit = LOST_QEMU) -> None:
+        """The domain is gone and we did not destroy it: on_gone (release the
+        storage, then Down), or just Down."""
+        if self.on_gone is not None:
+            self.on_gone(self, why)
+        else:
+            self.set_status(DOWN, why=why)
 
     def refresh_state(self) -> None:
         """Read status and pause code from libvirt (after a restart or a reconnect)."""
@@ -98,7 +182,7 @@ class VM:
             state, reason = self.call(lambda dom: dom.state(0))
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                self.set_status(DOWN)
+                self.gone()
                 return
             raise
         if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
@@ -184,7 +268,7 @@ class VM:
             self.set_status(UP)
 
     def destroy_domain(self) -> None:
-        """Stop QEMU now; a domain already gone is fine."""
+        """Stop QEMU now; a domain already gone is fine (its exit kept)."""
         with self.lock:
             try:
                 self.call(lambda dom: dom.destroy())
@@ -192,32 +276,43 @@ class VM:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise errors.OperationError(str(e), op="destroy", vm_id=self.id) from e
                 log.info("Domain already gone vm=%s", self.id)
-            self.set_status(DOWN)
+            self.set_status(DOWN, why=self.exit or DESTROYED)
 
     def stats(self) -> dict[str, Any]:
+        """VDSM's stats of the VM.  Never waits for libvirtd: while it does
+        not answer, the last sizes and mirror progress read are answered."""
         disks = {}
         dom = None
+        reachable = True
         if self.status != DOWN:
             try:
-                dom = self._conn.lookup(self.id)
+                with connection.impatient():
+                    dom = self._conn.lookup(self.id)
+            except errors.LibvirtUnavailableError as e:
+                log.debug("libvirt unavailable, stats from memory vm=%s: %s", self.id, e)
+                reachable = False
             except libvirt.libvirtError as e:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise
-                self.set_status(DOWN)
+                self.gone()
         for d in self.drives:
             if dom is not None:
                 self._update_drive(dom, d)
             info = d.stats()
             if d.replica is not None:
-                info["replicate"] = self._replica_stats(dom, d)
+                info["replicate"] = self._replica_stats(dom, d, reachable)
             disks[d.name] = info
-        return {
+        stats: dict[str, Any] = {
             "vmId": self.id,
             "vmName": self.name,
             "status": self.status,
             "pauseCode": self.pause_code,
             "disks": disks,
         }
+        why = self.exit
+        if why is not None:
+            stats.update(why.info())
+        return stats
 
     def _update_drive(self, dom: libvirt.virDomain, d: drive_mod.Drive) -> None:
         try:
@@ -227,17 +322,24 @@ class VM:
             return
         d.update_sizes(capacity, allocation, physical)
 
-    def _replica_stats(self, dom: libvirt.virDomain | None, d: drive_mod.Drive) -> dict[str, Any]:
+    def _replica_stats(self, dom: libvirt.virDomain | None, d: drive_mod.Drive,
+                       reachable: bool = True) -> dict[str, Any]:
         r = d.replica
         assert r is not None
         cur = end = 0
-        if dom is not None:
+        if not reachable:
+            cur, end = self._job_progress.get(d.name, (0, 0))
+        elif dom is not None:
             try:
                 job = dom.blockJobInfo(d.name, 0)
             except libvirt.libvirtError as e:
                 log.warning("blockJobInfo failed vm=%s drive=%s error=%s", self.id, d.name, e)
-                job = {}
-            cur, end = job.get("cur", 0), job.get("end", 0)
+                job = None
+            if job is None:  # libvirt could not say: the last reading
+                cur, end = self._job_progress.get(d.name, (0, 0))
+            else:
+                cur, end = job.get("cur", 0), job.get("end", 0)
+                self._job_progress[d.name] = (cur, end)
         return {
             "dstDisk": r.spec(),
             "state": r.state,

@@ -247,6 +247,39 @@ def test_file_drives_are_not_watched():
     assert storage.calls == [] and dom.thresholds == [] and dom.resumed == 0
 
 
+def test_a_vm_paused_by_its_thin_source_resumes_once_pivoted_onto_a_file(tmp_path):
+    # QEMU reports the ENOSPC of a mirrored drive on its mirror filter node:
+    # no drive named.  The mirror then pivots onto a file domain before any
+    # extension came: the volume that ran out is no longer used.
+    dom = FakeDomain(64 * MiB, 16 * MiB, 16 * MiB)
+    vm = fake_vm(dom)
+    storage = FakeStorage(dom)
+    storage.fail = True
+    mon = monitor(storage, [vm])
+    vm.set_status(vm_mod.PAUSED, vm_mod.ENOSPC)
+    mon.on_io_error(vm, None, "enospc")
+    mon.check_all()
+    assert (vm.status, dom.resumed) == (vm_mod.PAUSED, 0)
+
+    vm.drives[0].disk_type = drive_mod.FILE  # what a pivot onto a file domain leaves
+    mon.check_all()
+
+    assert (vm.status, dom.resumed) == (vm_mod.UP, 1)
+
+
+def test_a_vm_paused_on_a_file_drive_is_not_resumed():
+    dom = FakeDomain(64 * MiB, 64 * MiB, 64 * MiB)
+    vm = fake_vm(dom)
+    vm.drives[0].disk_type = drive_mod.FILE
+    vm.set_status(vm_mod.PAUSED, vm_mod.ENOSPC)
+    mon = monitor(FakeStorage(dom), [vm])
+    mon.on_io_error(vm, None, "enospc")
+
+    mon.check_all()
+
+    assert (vm.status, dom.resumed) == (vm_mod.PAUSED, 0)
+
+
 def test_threshold_event_extends_without_waiting_for_the_poll():
     dom = FakeDomain(64 * MiB, 1 * MiB, 8 * MiB)
     vm = fake_vm(dom)
