@@ -12,6 +12,7 @@ dropped).  The server pushes them to STOMP subscribers of
 event                              params
 =================================  =============================================
 ``|virt|VM_status|<vmId>``         ``{<vmId>: {status, pauseCode (Paused),
+                                   exitCode/exitReason/exitMessage (Down),
                                    statusTime}}`` (VDSM's event)
 ``|virt|VM_replication|<vmId>``    ``{drive, state}``: ready or failed
 ``|storage|task_finished|<id>``    ``{taskID, taskResult, code}``: the code is
@@ -58,10 +59,12 @@ class Events:
 
     # virt.notify.Notifier
 
-    def vm_status(self, vm_id: str, status: str, pause_code: str) -> None:
+    def vm_status(self, vm_id: str, status: str, pause_code: str,
+                  exit_info: dict[str, Any] | None = None) -> None:
         params: dict[str, Any] = {"status": status, "statusTime": str(int(time.monotonic() * 1000))}
         if status == PAUSED:
             params["pauseCode"] = pause_code
+        params.update(exit_info or {})  # Down: exitCode, exitReason, exitMessage
         self._push(method(VM_STATUS, vm_id), {vm_id: params})
 
     def replication(self, vm_id: str, drive: str, state: str) -> None:

@@ -17,7 +17,12 @@ Steps 3, 5 and 6 of :mod:`vdsm_lsm.move_disk` (DESIGN section 1):
   started again with ``syncWrites=true`` into the same replica, which an
   abort leaves reusable (virt/mirror.py).  A daemon that cannot
   (``SyncWritesUnsupported``: ``[replication] api = blockrebase``) gets the
-  background mirror back and the flow keeps waiting.
+  background mirror back and the flow keeps waiting.  A VM paused out of
+  space (``pauseCode`` ENOSPC: the watermark monitor could not extend the
+  replica, or the source) is not pivoted: once it stayed paused for
+  :data:`ENOSPC_TIMEOUT` seconds the move fails with
+  ``NoSpaceLeftOnDomain`` and rolls back (the mirror aborted, the monitor
+  resumes the VM on its source).
 - :meth:`MirrorSteps._mirror_and_pivot`: ``VM.diskReplicateFinish(src,
   dst)``; ``unavail`` (not ready, or a flap) waits again, ``changeDisk``
   (refused, the mirror still runs) is retried :data:`PIVOT_RETRIES` times,
@@ -30,6 +35,7 @@ Each start, abort and the pivot is written to the journal first.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from vdsm_lsm import client_errors, journal, move_base, move_progress
@@ -41,6 +47,9 @@ PIVOT_RETRY_DELAY = 2.0
 STALL_TIMEOUT = 30.0
 SYNC_WRITES_MODES = ("auto", "on", "off")
 SYNC_WRITES_UNSUPPORTED = "SyncWritesUnsupported"
+NO_SPACE = "NoSpaceLeftOnDomain"
+# How long the VM may stay paused out of space during the mirror.
+ENOSPC_TIMEOUT = 30.0
 
 
 class MirrorSteps(move_base.FlowBase):
@@ -52,6 +61,8 @@ class MirrorSteps(move_base.FlowBase):
     sync_writes: str  # auto | on | off
     stall_timeout: float
     journal: journal.Journal
+    enospc_timeout: float = ENOSPC_TIMEOUT
+    _enospc_since: float | None = None
 
     def _start_mirror(self, src: dict[str, Any], dst: dict[str, Any], sync_writes: bool) -> None:
         self._set_phase(move_progress.REPLICATE)
@@ -101,13 +112,22 @@ class MirrorSteps(move_base.FlowBase):
         watch = move_progress.Convergence(stall=self.stall_timeout)
         warned = False
         while True:
-            replicate = self._disk().get("replicate")
+            stats = self._vm_stats(self.vm_id)
+            down = move_progress.vm_down(stats)
+            if down:  # QEMU died: its mirror with it (the daemon released the storage)
+                raise move_base.error(move_base.PIVOT_IMPOSSIBLE, f"{down}: no mirror to pivot")
+            replicate = stats.get("disks", {}).get(self.drive, {}).get("replicate")
             if replicate is None:
                 raise move_base.error(move_base.NOT_IN_PROGRESS,
                                       f"drive {self.drive} has no replication")
             if replicate["state"] == "failed":
                 raise move_base.error(move_base.PIVOT_IMPOSSIBLE,
                                       f"the mirror of {self.drive} failed")
+            if self._out_of_space(stats, dst):
+                self._show(move_progress.mirror_fraction(replicate), "paused: ENOSPC")
+                self._check_deadline("the VM to run again")
+                self._sleep(self.poll_interval)
+                continue
             self._show(move_progress.mirror_fraction(replicate),
                        move_progress.mirror_detail(replicate))
             if replicate["state"] == "ready":
@@ -126,6 +146,26 @@ class MirrorSteps(move_base.FlowBase):
             self._check_deadline("the mirror to be ready")
             self._pause(self.events, move_base.VM_REPLICATION + self.vm_id,
                         lambda e: e.get("drive") == self.drive)
+
+    def _out_of_space(self, stats: dict[str, Any], dst: dict[str, Any]) -> bool:
+        """Whether the VM is paused out of space (ENOSPC); NoSpaceLeftOnDomain
+        once it stayed so for enospc_timeout seconds."""
+        if stats.get("status") != "Paused" or stats.get("pauseCode") != "ENOSPC":
+            self._enospc_since = None
+            return False
+        now = time.monotonic()
+        if self._enospc_since is None:
+            self._enospc_since = now
+            log.warning("VM %s is paused out of space (ENOSPC) during the mirror of %s: "
+                        "waiting up to %.0fs for room", self.vm_id, self.drive,
+                        self.enospc_timeout)
+        elif now - self._enospc_since >= self.enospc_timeout:
+            raise move_base.error(NO_SPACE, (
+                f"VM {self.vm_id} stayed paused out of space (ENOSPC) for "
+                f"{now - self._enospc_since:.0f}s during the mirror of {self.drive}: the "
+                f"destination domain {dst['domainID']} has no room for the replica (or the "
+                "source none for its leaf); the move is rolled back to the source"))
+        return True
 
     def _restart_write_blocking(self, src: dict[str, Any], dst: dict[str, Any],
                                 why: str) -> None:

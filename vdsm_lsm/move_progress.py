@@ -6,7 +6,8 @@ percent (each phase weighted), :class:`ProgressBar` shows it on a stream:
 one updating line on a terminal, plain periodic lines otherwise.
 :func:`mirror_detail` tells a mirror's bytes, rate and ETA, and
 :class:`Convergence` whether it converges at all (the flow then restarts
-it write-blocking, or warns).
+it write-blocking, or warns); :func:`vm_down` why a VM that went Down
+during the move did (VDSM's exit info in ``VM.getStats``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,19 @@ class Convergence:
             return (f"{remaining} bytes left after {elapsed:.0f}s, shrinking "
                     f"{max(shrink, 0) / MiB:.2f} MiB/s")
         return ""
+
+
+DOWN = "Down"
+
+
+def vm_down(stats: dict[str, Any]) -> str:
+    """What a VM.getStats of a VM that is Down says: "" if it is not Down,
+    else its exit info in words (exitMessage, exitCode, exitReason)."""
+    if stats.get("status") != DOWN:
+        return ""
+    message = stats.get("exitMessage") or "no reason given"
+    return (f"VM {stats.get('vmId', '')} is Down: {message} (exitCode "
+            f"{stats.get('exitCode', '?')}, exitReason {stats.get('exitReason', '?')})")
 
 
 def mirror_fraction(replicate: dict[str, Any]) -> float:

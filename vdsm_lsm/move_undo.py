@@ -58,7 +58,13 @@ class UndoSteps(move_mirror.MirrorSteps):
             log.warning("Aborting the mirror vm=%s drive=%s", self.vm_id, self.drive)
             if self._quietly(self.rpc, "VM.diskReplicateFinish", vmID=self.vm_id,
                              srcDisk=src, dstDisk=src) is None:
-                clean = False
+                # The replica may still be open in QEMU (or be what it runs):
+                # its image stays until a run that can abort the mirror.
+                log.error("The mirror was not aborted: the destination image is kept "
+                          "(journal %s)", j.path)
+                log.error("The rollback is incomplete: run move-disk again to finish it "
+                          "(journal %s)", j.path)
+                return
         if j.done("clone_submitted") or j.record.get("pending") == "clone":
             clean = self._delete_destination(quiet=True) and clean
         if clean:

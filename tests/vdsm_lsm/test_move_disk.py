@@ -468,6 +468,27 @@ def test_flow_rolls_back_on_both_hosts_when_sync_fails():
     assert "Image.delete" not in vm.calls and "VM.diskReplicateFinish" not in spm.calls
 
 
+def test_flow_keeps_the_destination_when_the_rollback_cannot_abort_the_mirror(tmp_path):
+    failed = dict(DONE, taskResult="cleanFailure", code=code("ImageIsNotLegalChain"),
+                  message="boom")
+    refused = client_errors.ClientError(code("replicaErr"), "cannot abort")
+    vm = vm_host(spm_status("Free", 1), **{
+        "VM.getStats": [disk_stats("src"),
+                        disk_stats("src", {"state": "copying", "cur": 1, "end": 5})],
+        "VM.diskReplicateFinish": [refused]})
+    spm = spm_host(**{"Task.getStatus": [DONE, DONE, failed, DONE]})
+    j = journal.Journal(str(tmp_path), "vm", "vda")
+
+    with pytest.raises(client_errors.ClientError) as e:
+        move_disk.MoveDisk(vm, "vm", "dst", spm=spm, poll_interval=0, journal=j).run()
+
+    assert e.value.code == code("ImageIsNotLegalChain")
+    # QEMU may still have the replica open: its image is not deleted, and
+    # the journal stays for a run that can abort the mirror.
+    assert "VM.diskReplicateFinish" in vm.calls and "Image.delete" not in spm.calls
+    assert journal.all_records(str(tmp_path)) != []
+
+
 def test_flow_reports_a_failed_set_legality_without_rolling_back_the_pivot():
     refused = client_errors.ClientError(code("SpmStatusError"), "Not SPM")
     vm, spm = vm_host(spm_status("Free", 1)), spm_host(**{"Volume.setLegality": [refused]})
