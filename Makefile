@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 GUEST_DIR ?= /var/cache/vdsm-lsm/guest
 
-.PHONY: setup check test lint typecheck demo bench docs guest clean
+.PHONY: setup check test lint typecheck demo bench soak docs guest clean
 
 setup:
 	contrib/setup-host
@@ -31,6 +31,10 @@ demo: setup guest
 
 bench: setup guest
 	contrib/bench/run
+
+# N live storage migrations with random faults (SOAK_N, default 100); not in check.
+soak: setup guest
+	contrib/soak
 
 docs: setup
 	$(PYTHON) -m vdsm_lsm.docs -o docs/api.md

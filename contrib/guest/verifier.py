@@ -139,7 +139,11 @@ def parse_log(serial_log_path: LogPaths) -> SerialLog:
         with open(path, "rb") as f:
             data += f.read()
     end = data.rfind(b"\n")
-    complete = data[: end + 1] if end >= 0 else b""
+    return _parse(data[: end + 1] if end >= 0 else b"")
+
+
+def _parse(complete: bytes) -> SerialLog:
+    """The runs and ACKs of whole lines of a serial log."""
     runs: list[Run] = []
     acks: list[Ack] = []
     garbled = 0
@@ -158,6 +162,26 @@ def parse_log(serial_log_path: LogPaths) -> SerialLog:
         if _GARBLED_ACK_RE.search(line):
             garbled += 1
     return SerialLog(runs, acks, garbled, complete.decode("utf-8", "replace"))
+
+
+def acks_between(serial_log_path: str | os.PathLike[str], start: int, end: int) -> list[Ack]:
+    """The ACKs logged between byte offsets start and end of a serial log.
+
+    For a window of the log noted while the guest runs (its size at two
+    moments): the line start falls within is skipped unless start is 0, the
+    line end falls within is kept when complete.  The ACKs' run indexes
+    count from the window's start, so :func:`largest_gap_ms` never measures
+    across a restart of the writer.
+    """
+    with open(serial_log_path, "rb") as f:
+        f.seek(max(start - 1, 0))
+        data = f.read(end - max(start - 1, 0) + 4096)
+    if start > 0:
+        # data begins with the byte before start: a newline there means start
+        # is the first byte of a line.
+        data = data[data.find(b"\n") + 1:]
+    stop = data.find(b"\n", max(end - start, 0))
+    return _parse(data[: stop + 1] if stop >= 0 else data[: data.rfind(b"\n") + 1]).acks
 
 
 def _parse_start(text: str) -> Run | None:

@@ -17,8 +17,8 @@ tests are not about the lock). Both daemons use the machine's libvirtd
 (no ``own_libvirtd``): only host 2 runs a VM, and with shared storage the
 VM never leaves it. The chunk is 128 MiB, more than a 64 MiB volume's
 maximum size (capacity * 1.1): a COW volume on the block domain starts at
-its full size, so no extension is needed (extension across hosts needs the
-storage mailbox, a later step).
+its full size, so no extension is needed here; extension across hosts,
+through the storage mailbox, is tested in test_mailbox.py.
 """
 
 from __future__ import annotations

@@ -365,3 +365,22 @@ def _wait_for_text(path: str, text: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{text!r} not in {path}: {_read(path)!r}")
         time.sleep(0.1)
+
+
+def test_acks_between_reads_a_window_of_whole_lines(tmp_path):
+    lines = [b"boot\n", b"WRITER START run=1 bs=65536 offset=0 span_blocks=10\n"]
+    lines += [f"ACK {i} {i % 10} {i * 10}\n".encode() for i in range(100)]
+    lines += [b"WRITER START run=2 bs=65536 offset=0 span_blocks=10\n", b"ACK 0 0 5\n"]
+    data = b"".join(lines)
+    path = tmp_path / "serial.log"
+    path.write_bytes(data + b"ACK 1 1 1")  # a last line without its newline
+    at = data.find(b"ACK 50 ")
+
+    assert [a.seq for a in verifier.acks_between(path, at, at + 1)] == [50]
+    window = verifier.acks_between(path, at + 1, at + 30)  # from the next whole line
+    assert [a.seq for a in window] == [51, 52, 53]
+    assert verifier.largest_gap_ms(window) == 10
+    # A restart of the writer inside the window is not measured as a gap.
+    tail = verifier.acks_between(path, data.find(b"ACK 98 "), len(data) + 9)
+    assert [a.seq for a in tail] == [98, 99, 0]
+    assert verifier.largest_gap_ms(tail) == 10
