@@ -10,9 +10,12 @@ default 0.2) gets a fault from the fault matrix, chosen at random
 
 After every migration the VM must run on one of the two domains with
 nothing left behind (:meth:`FaultSite.assert_clean`); a leftover ends the
-soak.  A fault that ends the guest (QEMU killed) has its writes verified
-there and a new guest started.  At the end the last guest's writes are
-verified, the storage torn down, and no loop device may be left on the PV.
+soak.  Every move adds a volume to the chain (its live snapshot; nothing
+merges them), so after :data:`GUEST_MOVES` moves the guest is retired: the
+VM destroyed, every write it acknowledged verified on the chain it ended
+on, its image deleted, and a new guest started on a new image.  A fault
+that ends the guest (QEMU killed) retires it at once.  At the end the
+storage is torn down, and no loop device may be left on the PV.
 
 It prints one table: migrations, completed, rolled back, lost writes,
 leftovers, pauses (the daemon's "VM paused" log lines), and the guest's
@@ -51,6 +54,10 @@ SEED_ENV = "VDSM_LSM_SOAK_SEED"
 # volumes extend on every move, and a fast guest may outrun the monitor
 # (an ENOSPC pause, counted, resumed once extended).
 CHUNK_MB = 32
+# Each move adds a volume (its live snapshot) and nothing merges them: a
+# guest's disk moves this many times, then it is verified and replaced.
+GUEST_MOVES = 10
+VG_SIZE = 4 * 1024**3
 # Bytes of serial log before the "Pivoting" moment counted in the pivot's window.
 MARGIN = 256
 
@@ -67,6 +74,7 @@ FAULTS = faults_mod.FAULTS
 @dataclasses.dataclass
 class Tally:
     migrations: int = 0
+    guests: int = 0
     completed: int = 0
     rolled_back: int = 0
     vm_down: int = 0
@@ -82,7 +90,8 @@ class Tally:
         p50 = f"{statistics.median(gaps):.0f} ms" if gaps else "-"
         top = f"{gaps[-1]} ms" if gaps else "-"
         rows = [
-            ("migrations", self.migrations), ("completed", self.completed),
+            ("migrations", self.migrations), ("guests (each verified)", self.guests),
+            ("completed", self.completed),
             ("rolled back", self.rolled_back), ("VM down (QEMU killed)", self.vm_down),
             ("lost writes", self.lost), ("leftovers", self.leftovers),
             ("pauses", self.pauses), (f"pivot gap p50 ({len(gaps)} pivots)", p50),
@@ -177,11 +186,12 @@ def test_soak(guest_files) -> None:  # noqa: F811
     rng = random.Random(seed)
     print(f"\nsoak: {n} migrations, faults in {rate:.0%}, seed {seed}")
     tally = Tally()
-    site = cluster_site.PrivateLibvirtSite.make(guest_files, chunk_mb=CHUNK_MB)
+    site = cluster_site.PrivateLibvirtSite.make(guest_files, chunk_mb=CHUNK_MB,
+                                              vg_size=VG_SIZE)
     watch = PivotWatch(site.daemon.log_path)
     log_offset = 0
     try:
-        m = faults_mod.Moving.boot(site)
+        m, moves = faults_mod.Moving.boot(site), 0
         watch.vm = m.vm
         for i in range(n):
             to = site.other(m.on)
@@ -199,34 +209,29 @@ def test_soak(guest_files) -> None:  # noqa: F811
             tally.pauses += pauses
             print(f"{i + 1:>4} {fault or '-':<22} -> {result:<12} "
                   f"{time.monotonic() - start:5.1f}s", flush=True)
-            if result.startswith("down"):
+            down = result.startswith("down")
+            if down:
                 tally.vm_down += 1
-                tally.lost += check_lost(site, m, tally)
-                try:
-                    assert_nothing_left(site)
-                except AssertionError as e:
-                    tally.leftovers += 1
-                    tally.problems.append(f"migration {i + 1} ({fault}): {e}")
-                    break
-                m = faults_mod.Moving.boot(site)
-                watch.vm = m.vm
-                continue
-            if result == "completed":
+            elif result == "completed":
                 tally.completed += 1
                 m.on = to
             else:
                 tally.rolled_back += 1
+            moves += 1
             try:
-                site.wait_up(m.vm, timeout=60)  # resumed, if a pause is still being undone
-                site.assert_clean(m.vm, m.img, m.on)
+                if not down:
+                    site.wait_up(m.vm, timeout=60)  # resumed, if a pause is being undone
+                    site.assert_clean(m.vm, m.img, m.on)
+                if down or (moves == GUEST_MOVES and i + 1 < n):
+                    tally.lost += retire(site, m, tally)
+                    assert_nothing_left(site)
+                    m, moves = faults_mod.Moving.boot(site), 0
+                    watch.vm = m.vm
             except AssertionError as e:
                 tally.leftovers += 1
                 tally.problems.append(f"migration {i + 1} ({fault or 'no fault'}): {e}")
                 break
-        else:
-            site.assert_clean(m.vm, m.img, m.on)
-        site.call("VM.destroy", vmID=m.vm.vm_id)
-        tally.lost += verify(site, m, tally)
+        tally.lost += retire(site, m, tally)
         leaked = site.teardown_storage()
         if leaked:
             tally.leftovers += 1
@@ -249,13 +254,15 @@ def verify(site: site_mod.FaultSite, m: faults_mod.Moving, tally: Tally) -> int:
     return result.lost if result.lost else (0 if result.ok else 1)
 
 
-def check_lost(site: site_mod.FaultSite, m: faults_mod.Moving, tally: Tally) -> int:
-    """The guest whose QEMU was killed: its writes on the chain it ran (on
-    the domain that has its image now); then the VM and the image go."""
+def retire(site: site_mod.FaultSite, m: faults_mod.Moving, tally: Tally) -> int:
+    """The guest's end: the VM destroyed, every write it acknowledged checked
+    on the chain of the domain that has its image, the image deleted; the
+    blocks lost."""
+    tally.guests += 1
+    site.call("VM.destroy", vmID=m.vm.vm_id)
     m.on = next(sd for sd in (site.file_sd, site.block_sd)
                 if m.img in site.call("StorageDomain.getImages", storagedomainID=sd))
     lost = verify(site, m, tally)
-    site.call("VM.destroy", vmID=m.vm.vm_id)
     site.wait_task(site.call("Image.delete", storagepoolID=site.pool_id,
                              storagedomainID=m.on, imageID=m.img, postZero=False, force=False))
     return lost
