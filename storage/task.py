@@ -134,6 +134,7 @@ class Task:
         self.lock = threading.Lock()  # guards the fields above
         self.save_lock = threading.Lock()  # serializes snapshots + writes
         self.last_save = 0.0
+        self.cleared = False  # Task.clear removed its file: never written again
         # Set by recovery: {kind, params} of a job to rebuild, prior state.
         self.job_record: dict[str, Any] | None = None
         self.interrupted_state = ""

@@ -123,11 +123,17 @@ class TaskManager:
             if found.state != task.FINISHED:
                 raise errors.TaskNotFinished(task_id=task_id, state=found.state)
         if self._store:
-            try:
-                self._store.remove(task_id)
-            except (OSError, errors.Error) as e:
-                raise errors.TaskMetaDataSaveError(
-                    task_id=task_id, path=self._store.path(task_id), reason=str(e)) from e
+            # Under save_lock: the worker's last save (it marks the task
+            # finished, then writes it) may still be coming; it must not
+            # write the file again once removed, or a restart would list
+            # the cleared task again.
+            with found.save_lock:
+                try:
+                    self._store.remove(task_id)
+                except (OSError, errors.Error) as e:
+                    raise errors.TaskMetaDataSaveError(
+                        task_id=task_id, path=self._store.path(task_id), reason=str(e)) from e
+                found.cleared = True
         with self._cond:
             self._tasks.pop(task_id, None)
         log.info("Cleared task id=%s", task_id)
@@ -431,6 +437,8 @@ class TaskManager:
         if self._store is None or self._fenced:
             return
         with current.save_lock:
+            if current.cleared:
+                return
             record = current.record()
             current.last_save = time.monotonic()
             try:

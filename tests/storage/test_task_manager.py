@@ -547,3 +547,43 @@ def test_recover_after_kill_9(store_dir: str) -> None:
             "id": clone["taskID"], "verb": "Image.cloneStructure"}
     finally:
         manager.shutdown(wait=True)
+
+
+def test_a_task_cleared_while_its_last_save_is_written_stays_cleared(store_dir: str) -> None:
+    # The worker marks the task finished, then writes it: a caller polling
+    # the state can clear it in between.  The file must not come back (a
+    # restarted SPM would list the cleared task again).
+    manager = task_manager.TaskManager(workers=1, store_dir=store_dir, progress_interval=0)
+    store = manager._store
+    assert store is not None
+    real_save = store.save
+    in_save, release = threading.Event(), threading.Event()
+
+    def slow_save(record: dict[str, Any]) -> None:
+        if record["state"] == "finished":
+            in_save.set()
+            release.wait(WAIT)
+        real_save(record)
+
+    store.save = slow_save  # type: ignore[method-assign]
+    try:
+        job = GateJob()
+        task_id = manager.submit("Image.syncData", job)
+        job.proceed.set()
+        assert in_save.wait(WAIT)
+        assert manager.get_status(task_id)["taskState"] == "finished"
+        clearing = threading.Thread(target=manager.clear, args=(task_id,))
+        clearing.start()
+        clearing.join(0.2)
+        release.set()
+        clearing.join(WAIT)
+        assert not clearing.is_alive()
+        assert os.listdir(store_dir) == []
+    finally:
+        release.set()
+        manager.shutdown(wait=False, abort=True)
+    again = task_manager.TaskManager(workers=1, store_dir=store_dir)
+    try:
+        assert again.recover() == [] and again.all_info() == {}
+    finally:
+        again.shutdown(wait=False, abort=True)
