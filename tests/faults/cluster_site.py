@@ -25,9 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
-from unittest import mock
 
 import libvirt
 
@@ -111,23 +109,12 @@ class PrivateLibvirtSite(site_mod.FaultSite):
         connection.start_event_loop()
         return libvirt.open(self.uri)
 
-    @contextlib.contextmanager
-    def _private(self) -> Iterator[None]:
-        """FaultSite's checks and clean-up, connecting to the private libvirtd."""
-        with mock.patch.object(virt_conftest, "libvirt_connection", self.libvirt_connection):
-            yield
-
     def domain(self, vm: virt_conftest.GuestVM) -> tuple[libvirt.virConnect, libvirt.virDomain]:
         conn = self.libvirt_connection()
         return conn, conn.lookupByUUIDString(vm.vm_id)
 
-    def assert_clean(self, vm: virt_conftest.GuestVM, img: str, on_sd: str) -> None:
-        with self._private():
-            super().assert_clean(vm, img, on_sd)
-
     def destroy_vms(self) -> None:
-        with self._private():
-            super().destroy_vms()
+        super().destroy_vms()  # through libvirt_connection(): the private libvirtd
         # libvirtd gives QEMU a mount namespace of its own: the namespace's
         # stop would not end a QEMU that libvirtd could not destroy.
         for vm_id in self.vms:
