@@ -1,4 +1,4 @@
-"""Mutual TLS on the TCP listener, with certificates made by the fixture."""
+"""Mutual TLS on the TCP listener (the certificates and the daemon: tests/tls_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -10,42 +10,8 @@ import pytest
 
 from vdsm_lsm import client
 
-
-def _openssl(*args: str, cwd: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(cwd: str, name: str, ca: str, cn: str) -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-             f"{name}.csr", "-subj", f"/CN={cn}", cwd=cwd)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("pki"))
-    for ca in ("ca", "rogue"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key",
-                 "-out", f"{ca}.crt", "-days", "2", "-subj", f"/CN={ca}", cwd=d)
-    _issue(d, "server", "ca", "localhost")
-    _issue(d, "client", "ca", "engine")
-    _issue(d, "intruder", "rogue", "engine")
-    return d
-
-
-@pytest.fixture(scope="module")
-def tls_daemon(tmp_path_factory, pki):
-    from tests import daemon as daemon_mod
-
-    d = daemon_mod.Daemon(
-        str(tmp_path_factory.mktemp("tlsd")),
-        {"tls": {"enabled": True, "key": f"{pki}/server.key", "cert": f"{pki}/server.crt",
-                 "ca": f"{pki}/ca.crt"}},
-    )
-    d.start()
-    yield d
-    d.stop()
+# pki, tls_daemon
+pytest_plugins = ["tests.tls_fixtures"]
 
 
 def test_client_with_certificate_signed_by_ca_works(tls_daemon, pki):
