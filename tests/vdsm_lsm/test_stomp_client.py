@@ -18,8 +18,9 @@ import time
 import pytest
 
 from tests.vdsm_lsm.stomp_env import BLANK, MiB, new_id
-from tests.vdsm_lsm.test_tls import pki, tls_daemon  # noqa: F401
 from vdsm_lsm import api_schema, client_errors, stomp_client
+
+pytest_plugins = ["tests.tls_fixtures"]
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
