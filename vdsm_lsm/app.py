@@ -22,7 +22,7 @@ from storage import mailbox as storage_mailbox
 from vdsm_lsm import api_schema, events, host, peer
 from vdsm_lsm import config as config_mod
 from virt import api as virt_api
-from virt import migration_job, thinp
+from virt import migration_job, pivot, thinp
 
 log = logging.getLogger("vdsm_lsm.app")
 
@@ -97,6 +97,11 @@ def virt_config(cfg: config_mod.Config, drive_root: str = "") -> virt_api.Config
         ),
         drive_root=drive_root,
         replication_api=cfg.replication.api,
+        job_timeouts=pivot.Timeouts(
+            job_stall=cfg.replication.job_stall_timeout,
+            job_end=cfg.replication.job_end_timeout,
+        ),
+        libvirt_unavailable_wait=cfg.libvirt.unavailable_wait,
         migration=migration_job.Config(
             libvirt_uri=cfg.libvirt.migration_uri,
             socket_dir=cfg.libvirt.migration_socket_dir,

@@ -136,6 +136,28 @@ def method_from_words(api: schema.Schema, words: list[str]) -> tuple[str, list[s
 # Command lines
 
 
+def _seconds(text: str) -> float:
+    """A command-line duration: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _mib_per_s(text: str) -> int:
+    """A bandwidth limit: MiB/s, 0 for none."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB/s: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The connection options and a verb's words."""
     parser = argparse.ArgumentParser(
@@ -148,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-ca")
-    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--timeout", type=_seconds, default=600.0)
     parser.add_argument("--stomp", action="store_true",
                         help="talk JSON-RPC over STOMP (VDSM's protocol) instead of HTTP; "
                         "move-disk then waits on the daemons' events instead of polling")
@@ -173,9 +195,9 @@ def build_move_disk_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool", help="pool ID (default: the drive's, from VM.getStats)")
     parser.add_argument("--delete-source", action="store_true",
                         help="delete the source image after the pivot")
-    parser.add_argument("--bandwidth", type=int, default=0, metavar="MiB/s",
+    parser.add_argument("--bandwidth", type=_mib_per_s, default=0, metavar="MiB/s",
                         help="mirror bandwidth limit (default 0: unlimited)")
-    parser.add_argument("--timeout", type=float, default=move_disk.DEFAULT_TIMEOUT, metavar="S",
+    parser.add_argument("--timeout", type=_seconds, default=move_disk.DEFAULT_TIMEOUT, metavar="S",
                         help="give up and roll back after S seconds "
                         f"(default {move_disk.DEFAULT_TIMEOUT:g})")
     parser.add_argument("--to-host", metavar="ADDRESS|SOCKET",
@@ -188,9 +210,13 @@ def build_move_disk_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sync-writes", choices=move_disk.SYNC_WRITES_MODES, default="auto",
                         help="write-blocking mirror: auto (restart it write-blocking if it "
                         "does not converge; the default), on (from the start), off (never)")
-    parser.add_argument("--stall-timeout", type=float, default=move_disk.STALL_TIMEOUT,
+    parser.add_argument("--stall-timeout", type=_seconds, default=move_disk.STALL_TIMEOUT,
                         metavar="S", help="seconds without progress before a mirror counts "
                         f"as not converging (default {move_disk.STALL_TIMEOUT:g})")
+    parser.add_argument("--enospc-timeout", type=_seconds, default=move_disk.ENOSPC_TIMEOUT,
+                        metavar="S", help="seconds the VM may stay paused out of space "
+                        "during the mirror before the move rolls back "
+                        f"(default {move_disk.ENOSPC_TIMEOUT:g})")
     parser.add_argument("--state-dir", metavar="DIR", default=journal.default_dir(),
                         help="where the journals of moves are kept (default "
                         f"{journal.default_dir()})")
@@ -363,6 +389,7 @@ def run_move_disk(connection_argv: list[str], argv: list[str]) -> int:
             delete_source=args.delete_source, bandwidth=args.bandwidth, timeout=args.timeout,
             progress=bar, spm=spm, events=events_of(rpc), spm_events=events_of(spm),
             sync_writes=args.sync_writes, stall_timeout=args.stall_timeout,
+            enospc_timeout=args.enospc_timeout,
             journal=journal.Journal(args.state_dir, args.vm_id, args.drive),
         )
     try:

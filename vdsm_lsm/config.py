@@ -162,9 +162,23 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "libvirt call that starts a mirror: blockcopy (also carries syncWrites) "
             "or blockrebase (REBASE_COPY; syncWrites refused)",
         ),
+        "job_stall_timeout": Option(
+            _float(0.1), 10.0,
+            "seconds a mirror asked to pivot or abort may make no progress before it is "
+            "cancelled in QEMU (the VM stays on the source)",
+        ),
+        "job_end_timeout": Option(
+            _float(1.0), 60.0,
+            "seconds a pivot or abort that still copies is waited for (then changeDisk: retry)",
+        ),
     },
     "libvirt": {
         "uri": Option(_str, "qemu:///system", "libvirt connection URI"),
+        "unavailable_wait": Option(
+            _float(0.0), 30.0,
+            "seconds a call waits for libvirtd to answer again (a restart) before it fails "
+            "with LibvirtConnectionError 3402",
+        ),
         "migration_uri": Option(
             _str, "",
             "how other hosts' libvirtd reach this host's, for VMs migrating here "

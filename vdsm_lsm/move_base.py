@@ -31,6 +31,7 @@ PIVOT_IMPOSSIBLE = "PivotImpossible"
 NOT_IN_PROGRESS = "ReplicationNotInProgress"
 NOT_SPM = "SpmStatusError"
 UNKNOWN_TASK = "UnknownTask"
+LIBVIRT_GONE = "LibvirtConnectionError"
 
 # StoragePool.getSpmStatus().spmStatus of the host holding the role.
 SPM_STATUS = "SPM"

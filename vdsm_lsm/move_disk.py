@@ -80,6 +80,7 @@ TASK_FINISHED = move_base.TASK_FINISHED
 VM_REPLICATION = move_base.VM_REPLICATION
 PIVOT_RETRIES = move_mirror.PIVOT_RETRIES
 STALL_TIMEOUT = move_mirror.STALL_TIMEOUT
+ENOSPC_TIMEOUT = move_mirror.ENOSPC_TIMEOUT
 SYNC_WRITES_MODES = move_mirror.SYNC_WRITES_MODES
 NOT_VERIFIED = "CopyNotVerified"
 
@@ -111,6 +112,7 @@ class MoveDisk(move_undo.UndoSteps):
         sync_writes: str = "auto",
         journal: journal_mod.Journal | None = None,
         stall_timeout: float = STALL_TIMEOUT,
+        enospc_timeout: float = ENOSPC_TIMEOUT,
     ) -> None:
         """events, spm_events: the VM host's and the SPM's pushed events (None:
         poll; without spm, the VM host's serve both)."""
@@ -130,6 +132,7 @@ class MoveDisk(move_undo.UndoSteps):
         self.bandwidth = bandwidth
         self.sync_writes = sync_writes
         self.stall_timeout = stall_timeout
+        self.enospc_timeout = enospc_timeout
         self.journal = journal if journal is not None else journal_mod.MemoryJournal(vm_id, drive)
         self._inherited: set[str] = set()  # task steps a killed run left in the journal
         self._resumed = False

@@ -20,13 +20,14 @@ Steps 3, 5 and 6 of :mod:`vdsm_lsm.move_disk` (DESIGN section 1):
   background mirror back and the flow keeps waiting.  A VM paused out of
   space (``pauseCode`` ENOSPC: the watermark monitor could not extend the
   replica, or the source) is not pivoted: once it stayed paused for
-  :data:`ENOSPC_TIMEOUT` seconds the move fails with
+  :data:`ENOSPC_TIMEOUT` seconds (``--enospc-timeout``) the move fails with
   ``NoSpaceLeftOnDomain`` and rolls back (the mirror aborted, the monitor
   resumes the VM on its source).
 - :meth:`MirrorSteps._mirror_and_pivot`: ``VM.diskReplicateFinish(src,
   dst)``; ``unavail`` (not ready, or a flap) waits again, ``changeDisk``
-  (refused, the mirror still runs) is retried :data:`PIVOT_RETRIES` times,
-  anything else (``PivotImpossible``: abort-only) fails the move, which
+  (refused, the mirror still runs) and ``LibvirtConnectionError`` (libvirtd
+  stayed away longer than the daemon waits for it) are retried
+  :data:`PIVOT_RETRIES` times, anything else (``PivotImpossible``: abort-only) fails the move, which
   rolls back.
 
 Each start, abort and the pivot is written to the journal first.
@@ -50,6 +51,13 @@ SYNC_WRITES_UNSUPPORTED = "SyncWritesUnsupported"
 NO_SPACE = "NoSpaceLeftOnDomain"
 # How long the VM may stay paused out of space during the mirror.
 ENOSPC_TIMEOUT = 30.0
+
+
+def _retryable_pivot(e: client_errors.ClientError) -> bool:
+    """A Finish that failed with the mirror still running: changeDisk, or
+    libvirtd away for longer than the daemon waits."""
+    return move_base.is_error(e, move_base.CHANGE_DISK) or move_base.is_error(
+        e, move_base.LIBVIRT_GONE)
 
 
 class MirrorSteps(move_base.FlowBase):
@@ -96,7 +104,7 @@ class MirrorSteps(move_base.FlowBase):
             except client_errors.ClientError as e:
                 if move_base.is_error(e, move_base.UNAVAIL):
                     log.info("Pivot: mirror not ready vm=%s: %s", self.vm_id, e.message)
-                elif move_base.is_error(e, move_base.CHANGE_DISK) and failures < PIVOT_RETRIES:
+                elif _retryable_pivot(e) and failures < PIVOT_RETRIES:
                     failures += 1
                     log.warning("Pivot failed (%d/%d) vm=%s: %s", failures, PIVOT_RETRIES,
                                 self.vm_id, e.message)

@@ -12,9 +12,8 @@ dispatcher and the registry of VMs::
     ...
     api.stop()      # close the connection; VMs keep running
 
-``storage`` is the host-side storage service and ``spm`` the path to the
-pool's SPM (virt/storage_iface.py); storage's API provider is both, so
-``API(provider, config)`` uses it for both.
+``storage`` is the host-side storage service and ``spm`` the path to the pool's
+SPM (virt/storage_iface.py); ``API(provider, config)`` uses storage's for both.
 Verbs raise coded errors (virt/errors.py, or storage's own); during recovery
 every verb answers RecoveryInProgress.  Status and replication changes are
 told to the notifier given to :meth:`API.set_notifier` (virt/notify.py).
@@ -50,6 +49,7 @@ from virt import (
     migration_job,
     notify,
     outages,
+    pivot,
     recovery,
     replication,
     snapshot,
@@ -68,20 +68,19 @@ class Config:
     """What virt is told by whoever builds it (the daemon: vdsm_lsm/app.py)."""
 
     libvirt_uri: str = "qemu:///system"
-    # Default of vmParams.accel ([vm] accel): "kvm", or "tcg" where KVM cannot
-    # run the guest.
+    # Default of vmParams.accel ([vm] accel): "kvm", or "tcg" without KVM.
     accel: str = "kvm"
-    # The watermark monitor's own settings (virt/thinp.py), passed to it as
-    # they are; None runs no monitor (nothing extends thin volumes).
+    # The watermark monitor's settings (virt/thinp.py); None: no monitor.
     thinp: thinp.Config | None = None
-    # Where the paths storage hands this host start (its prepare links).
-    # Recovery adopts only running domains whose drives are all under it: a
-    # libvirtd shared by several hosts' daemons runs VMs that are not ours.
-    # Empty: adopt every domain that carries our metadata.
+    # Where this host's prepare links start: recovery adopts only domains whose
+    # drives are all under it (a shared libvirtd runs others'). Empty: any ours.
     drive_root: str = ""
-    # The libvirt call that starts a mirror ([replication] api, virt/mirror.py):
-    # "blockcopy" (also carries syncWrites) or "blockrebase".
+    # The call that starts a mirror ([replication] api): blockcopy or blockrebase.
     replication_api: str = "blockcopy"
+    # How long a pivot or abort waits for its block job ([replication]).
+    job_timeouts: pivot.Timeouts = pivot.DEFAULT
+    # How long a call waits for libvirtd to answer again ([libvirt]).
+    libvirt_unavailable_wait: float = connection.UNAVAILABLE_WAIT
     # Live migration to other hosts (virt/migration.py, virt/migration_dest.py).
     migration: migration_job.Config = migration_job.Config()
 
@@ -123,7 +122,8 @@ class API:
         # Told of status and replication changes (virt/notify.py): set_notifier.
         self.notifier: notify.Notifier = notify.NOBODY
         self.connection = connection.Connection(
-            config.libvirt_uri, dispatch=self.events, on_reconnect=self._resync
+            config.libvirt_uri, dispatch=self.events, on_reconnect=self._resync,
+            unavailable_wait=config.libvirt_unavailable_wait,
         )
         self.thinp: thinp.Monitor | None = None
         if config.thinp is not None:
@@ -281,7 +281,8 @@ class API:
     ) -> bool:
         vm = self.get_vm(vm_id)
         try:
-            replication.finish(vm, self._storage, self._spm, src_disk, dst_disk)
+            replication.finish(vm, self._storage, self._spm, src_disk, dst_disk,
+                               self._config.job_timeouts)
         except errors.ReplicationNotInProgressError as e:
             why = vm.exit
             if why is None or dst_disk.get("domainID") == src_disk.get("domainID"):

@@ -25,7 +25,7 @@ waits to be resumed) would hang the call, the VM and every other call on
 its domain, QEMU monitor pass-through included.  While the pivot is
 pending, libvirt refuses both a new pivot and an abort ("still being
 ended"), and it refuses to abort a paused job at all; so a job that makes
-no progress for :data:`JOB_STALL` seconds is cancelled in QEMU itself
+no progress for :attr:`Timeouts.job_stall` seconds is cancelled in QEMU itself
 (``block-job-cancel force``, through libvirt-qemu's monitor pass-through,
 which marks the domain tainted): the VM stays on the source.  A pivot that
 ends without switching leaves the replica's backing chain open in QEMU
@@ -40,7 +40,7 @@ ends without switching leaves the replica's backing chain open in QEMU
                                  ``Image.syncData INTERNAL``, then retry
 ``changeDisk`` 41                libvirt or QEMU refused the pivot and the mirror
                                  still runs, a pivot still copies after
-                                 :data:`END_TIMEOUT` (a retry waits for it again),
+                                 :attr:`Timeouts.job_end` (a retry waits for it again),
                                  or the VM is paused out of space (ENOSPC) while
                                  its replica is a thin LV: retry Finish (or abort)
 ``PivotImpossible``              abort-only: the mirror failed, no job runs, the VM
@@ -58,6 +58,7 @@ destination's prepare reference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import xml.etree.ElementTree as ET
@@ -75,10 +76,21 @@ READY_WAIT = 5.0
 # How long Finish keeps trying a pivot that QEMU refuses while the job runs.
 PIVOT_WINDOW = 5.0
 PIVOT_RETRY_DELAY = 0.25
-# A job asked to end that makes no progress (cur) for this long is stuck.
-JOB_STALL = 10.0
-# How long a pivot or abort that still makes progress is waited for.
-END_TIMEOUT = mirror.JOB_END_TIMEOUT
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """How long a block job asked to end (pivot, abort) is waited for
+    ([replication] job_stall_timeout, job_end_timeout)."""
+
+    # A job that makes no progress (cur) for this long is stuck: it is
+    # cancelled in QEMU.
+    job_stall: float = 10.0
+    # A job that still makes progress is waited for this long.
+    job_end: float = mirror.JOB_END_TIMEOUT
+
+
+DEFAULT = Timeouts()
 ASYNC = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC
 ENDED, STALLED, SLOW = "ended", "stalled", "slow"
 
@@ -89,6 +101,7 @@ def pivot(
     spm: storage_iface.SpmRequests,
     d: drive_mod.Drive,
     r: drive_mod.Replica,
+    timeouts: Timeouts = DEFAULT,
 ) -> None:
     """Switch the drive to its replica (the mirror must be ready, the chain synced)."""
     out_of_space = vm.status == vm_mod.PAUSED and vm.pause_code == vm_mod.ENOSPC
@@ -99,7 +112,7 @@ def pivot(
     if mirror_state(vm, d) != "pivot":  # else an earlier Finish's pivot is pending
         _await_ready(vm, d, r)
     check_synced(storage, r)
-    _complete(vm, d, r)
+    _complete(vm, d, r, timeouts)
 
     old = (d.pool_id, d.domain_id, d.image_id, list(d.prepared))
     d.domain_id = r.domain_id
@@ -121,7 +134,8 @@ def pivot(
 
 
 def abort(
-    vm: vm_mod.VM, storage: storage_iface.HostStorage, d: drive_mod.Drive, r: drive_mod.Replica
+    vm: vm_mod.VM, storage: storage_iface.HostStorage, d: drive_mod.Drive, r: drive_mod.Replica,
+    timeouts: Timeouts = DEFAULT,
 ) -> None:
     """Cancel the mirror; the VM stays on the source, the replica is released."""
     log.info("Aborting replication vm=%s drive=%s dst_sd=%s", vm.id, d.name, r.domain_id)
@@ -134,10 +148,11 @@ def abort(
             log.info("No block job left to abort vm=%s drive=%s: %s", vm.id, d.name, e)
         else:
             # The job is paused behind libvirt's back, or a pivot of it is pending.
-            cancel_in_qemu(vm, d, errors.ReplicaError, f"libvirt cannot abort the mirror: {e}")
-    ended = _wait_end(vm, d)
+            cancel_in_qemu(vm, d, errors.ReplicaError, f"libvirt cannot abort the mirror: {e}",
+                           timeouts)
+    ended = _wait_end(vm, d, timeouts)
     if ended != ENDED:
-        cancel_in_qemu(vm, d, errors.ReplicaError, f"the aborted mirror is {ended}")
+        cancel_in_qemu(vm, d, errors.ReplicaError, f"the aborted mirror is {ended}", timeouts)
     if pivot_pending:  # libvirt opened the replica's chain for that pivot
         mirror.release_target(vm, d, r)
     d.replica = None
@@ -206,7 +221,9 @@ def _check_alive(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> Non
 # The pivot itself
 
 
-def _complete(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
+def _complete(
+    vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica, timeouts: Timeouts
+) -> None:
     """blockJobAbort(PIVOT | ASYNC), retried within PIVOT_WINDOW while the job
     runs; then wait for the job to end and check the drive runs the replica."""
     deadline = time.monotonic() + PIVOT_WINDOW
@@ -243,16 +260,17 @@ def _complete(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) -> None:
                 f"the mirror left the ready state during the pivot: {e}",
                 drive=d.name, vm_id=vm.id,
             ) from e
-    ended = _wait_end(vm, d)
+    ended = _wait_end(vm, d, timeouts)
     if ended == SLOW:
         raise errors.PivotError(
-            f"QEMU has not completed the pivot after {END_TIMEOUT:.0f}s, its job still copies: "
+            f"QEMU has not completed the pivot after {timeouts.job_end:.0f}s, its job still "
+            "copies: "
             "the drive switches when it ends; retry Finish to wait for it, or abort",
             drive=d.name, vm_id=vm.id)
     if ended == STALLED and not _live_is_replica(vm, d, r):
-        why = (f"QEMU accepted the pivot, but its job made no progress for {JOB_STALL:.0f}s "
-               "(paused behind libvirt's back?)")
-        cancel_in_qemu(vm, d, errors.PivotError, why)
+        why = ("QEMU accepted the pivot, but its job made no progress for "
+               f"{timeouts.job_stall:.0f}s (paused behind libvirt's back?)")
+        cancel_in_qemu(vm, d, errors.PivotError, why, timeouts)
         if not _live_is_replica(vm, d, r):
             mirror.release_target(vm, d, r)
             raise errors.PivotImpossibleError(
@@ -275,9 +293,9 @@ def _live_is_replica(vm: vm_mod.VM, d: drive_mod.Drive, r: drive_mod.Replica) ->
 # A job asked to end: waited for, and cancelled in QEMU when stuck
 
 
-def _wait_end(vm: vm_mod.VM, d: drive_mod.Drive) -> str:
+def _wait_end(vm: vm_mod.VM, d: drive_mod.Drive, timeouts: Timeouts = DEFAULT) -> str:
     """Wait for the drive's block job to end: ENDED; STALLED once it made no
-    progress (cur) for JOB_STALL seconds; SLOW after END_TIMEOUT."""
+    progress (cur) for timeouts.job_stall seconds; SLOW after timeouts.job_end."""
     start = moved = time.monotonic()
     cur = None
     while True:
@@ -287,11 +305,11 @@ def _wait_end(vm: vm_mod.VM, d: drive_mod.Drive) -> str:
         now = time.monotonic()
         if job.get("cur") != cur:
             cur, moved = job.get("cur"), now
-        elif now - moved >= JOB_STALL:
+        elif now - moved >= timeouts.job_stall:
             log.warning("Block job ending makes no progress vm=%s drive=%s job=%s",
                         vm.id, d.name, job)
             return STALLED
-        if now - start >= END_TIMEOUT:
+        if now - start >= timeouts.job_end:
             return SLOW
         d.wait_job(lambda ev: ev is not None and ev[1] in mirror.JOB_ENDED, 0.5)
 
@@ -312,7 +330,8 @@ def mirror_state(vm: vm_mod.VM, d: drive_mod.Drive) -> str | None:
 
 
 def cancel_in_qemu(
-    vm: vm_mod.VM, d: drive_mod.Drive, error: type[errors.Error], why: str
+    vm: vm_mod.VM, d: drive_mod.Drive, error: type[errors.Error], why: str,
+    timeouts: Timeouts = DEFAULT,
 ) -> None:
     """Force-cancel the drive's mirror job in QEMU, which libvirt cannot (it
     is paused, or a pivot of it is pending), and wait for its end; error if
@@ -328,7 +347,7 @@ def cancel_in_qemu(
     except (libvirt.libvirtError, ValueError, KeyError) as e:
         raise error(f"{why}; cancelling it in QEMU failed: {e}", drive=d.name,
                     vm_id=vm.id) from e
-    if _wait_end(vm, d) != ENDED:
+    if _wait_end(vm, d, timeouts) != ENDED:
         raise error(f"{why}; the job did not end once cancelled in QEMU", drive=d.name,
                     vm_id=vm.id)
     log.warning("Mirror job cancelled in QEMU vm=%s drive=%s", vm.id, d.name)

@@ -178,6 +178,7 @@ def finish(
     spm: storage_iface.SpmRequests,
     src_disk: dict[str, Any],
     dst_disk: dict[str, Any],
+    timeouts: pivot.Timeouts = pivot.DEFAULT,
 ) -> None:
     """Pivot to dst_disk, or abort when dst_disk is src_disk (VM.diskReplicateFinish).
 
@@ -190,7 +191,7 @@ def finish(
         if r is None:
             raise errors.ReplicationNotInProgressError(drive=d.name, vm_id=vm.id)
         if _same_volume(dst_disk, src_disk):
-            pivot.abort(vm, storage, d, r)
+            pivot.abort(vm, storage, d, r, timeouts)
             return
         if not _same_volume(dst_disk, r.spec()):
             raise errors.ReplicaError(
@@ -198,7 +199,7 @@ def finish(
                 drive=d.name,
                 vm_id=vm.id,
             )
-        pivot.pivot(vm, storage, spm, d, r)
+        pivot.pivot(vm, storage, spm, d, r, timeouts)
 
 
 # Stats

@@ -17,7 +17,7 @@ do with a paused job (found here, and what virt/pivot.py is built on):
   abort ("block job on disk 'vda' is still being ended", error 55), and it
   refuses to abort a paused job at all (QEMU's soft ``block-job-cancel``:
   "is currently paused").  A job that makes no progress for
-  ``pivot.JOB_STALL`` seconds is therefore cancelled in QEMU
+  ``[replication] job_stall_timeout`` seconds is therefore cancelled in QEMU
   (``block-job-cancel force``), the VM staying on the source.
 
 One daemon, one writing guest, starting on the file domain:
@@ -95,12 +95,11 @@ class EndingJob(test_thinp.FakeDomain):
 
 @pytest.mark.parametrize("moves, gone_after, ended", [
     (True, 2, pivot.ENDED), (False, -1, pivot.STALLED), (True, -1, pivot.SLOW)])
-def test_a_job_asked_to_end_is_waited_for_boundedly(monkeypatch, moves, gone_after, ended):
-    monkeypatch.setattr(pivot, "JOB_STALL", 0.6)
-    monkeypatch.setattr(pivot, "END_TIMEOUT", 1.5)
+def test_a_job_asked_to_end_is_waited_for_boundedly(moves, gone_after, ended):
     vm = test_thinp.fake_vm(EndingJob(moves, gone_after))
+    timeouts = pivot.Timeouts(job_stall=0.6, job_end=1.5)
 
-    assert pivot._wait_end(vm, vm.drives[0]) == ended
+    assert pivot._wait_end(vm, vm.drives[0], timeouts) == ended
 
 
 class Moving:

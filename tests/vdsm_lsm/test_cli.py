@@ -127,3 +127,18 @@ def test_move_disk_names_the_unreachable_spm(tmp_path, capsys):
     assert "--spm: bad address" in capsys.readouterr().err
     assert cli.main(["--socket", vm_sock, "move-disk", "vm", "sd", "--spm", spm_sock]) == 3
     assert f"the VM's host (unix:{vm_sock})" in capsys.readouterr().err
+
+
+def test_move_disk_durations_and_bandwidth_are_checked(capsys):
+    parser = cli.build_move_disk_parser()
+    args = parser.parse_args(["vm", "sd", "--enospc-timeout", "45", "--stall-timeout", "2.5"])
+    assert (args.enospc_timeout, args.stall_timeout) == (45.0, 2.5)
+    assert parser.parse_args(["vm", "sd"]).enospc_timeout == 30.0
+    for bad in (["--enospc-timeout", "0"], ["--stall-timeout", "-1"], ["--timeout", "nan"],
+                ["--timeout", "soon"], ["--enospc-timeout", "inf"], ["--bandwidth", "-5"],
+                ["--bandwidth", "1.5"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["vm", "sd", *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {bad[0]}" in err and bad[1] in err, err

@@ -468,6 +468,32 @@ def test_flow_rolls_back_on_both_hosts_when_sync_fails():
     assert "Image.delete" not in vm.calls and "VM.diskReplicateFinish" not in spm.calls
 
 
+def test_flow_retries_a_pivot_while_libvirtd_is_away_then_gives_up(monkeypatch):
+    monkeypatch.setattr(move_disk.MoveDisk, "_sleep", lambda self, seconds: None)
+    gone = client_errors.ClientError(code("LibvirtConnectionError"), "libvirtd away")
+    # Away for two Finish calls (each waited for by the daemon): the third pivots.
+    ready = disk_stats("src", {"state": "ready", "cur": 5, "end": 5})
+    vm = vm_host(spm_status("Free", 1), **{
+        "VM.diskReplicateFinish": [gone, gone, True],
+        "VM.getStats": [disk_stats("src"), ready, ready, ready, disk_stats("dst")]})
+    summary = move_disk.MoveDisk(vm, "vm", "dst", spm=spm_host(), poll_interval=0).run()
+    assert summary["dstDomainID"] == "dst"
+    assert vm.calls.count("VM.diskReplicateFinish") == 3
+
+    # Away for good: PIVOT_RETRIES retries, then the move fails with 3402 and
+    # rolls back (its abort is another Finish, failing the same way).
+    vm = vm_host(spm_status("Free", 1), **{"VM.diskReplicateFinish": [gone],
+                                           "VM.getStats": [disk_stats("src"), ready]})
+    spm = spm_host()
+    with pytest.raises(client_errors.ClientError) as e:
+        move_disk.MoveDisk(vm, "vm", "dst", spm=spm, poll_interval=0).run()
+    assert e.value.code == code("LibvirtConnectionError")
+    pivots = [p for m, p in vm.params if m == "VM.diskReplicateFinish"
+              and p["dstDisk"] != p["srcDisk"]]
+    assert len(pivots) == move_disk.PIVOT_RETRIES + 1
+    assert "Volume.setLegality" not in spm.calls
+
+
 def test_flow_keeps_the_destination_when_the_rollback_cannot_abort_the_mirror(tmp_path):
     failed = dict(DONE, taskResult="cleanFailure", code=code("ImageIsNotLegalChain"),
                   message="boom")

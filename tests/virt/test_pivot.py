@@ -245,3 +245,23 @@ def test_replication_api_is_configured_and_checked():
     assert e.value.name == "SyncWritesUnsupported"
     mirror.check_api(mirror.BLOCKREBASE, False, "vda", "vm")
     mirror.check_api(mirror.BLOCKCOPY, True, "vda", "vm")
+
+
+def test_job_and_libvirtd_timeouts_are_configured():
+    from vdsm_lsm import app
+    from vdsm_lsm import config as config_mod
+
+    default = app.virt_config(config_mod.load("/nonexistent"))
+    assert default.job_timeouts == pivot.Timeouts(job_stall=10.0, job_end=60.0)
+    assert default.libvirt_unavailable_wait == 30.0
+    cfg = config_mod.load("/nonexistent", {
+        "replication": {"job_stall_timeout": "2.5", "job_end_timeout": "120"},
+        "libvirt": {"unavailable_wait": "90"}})
+    virt = app.virt_config(cfg)
+    assert virt.job_timeouts == pivot.Timeouts(job_stall=2.5, job_end=120.0)
+    assert virt.libvirt_unavailable_wait == 90.0
+    for bad in ({"replication": {"job_stall_timeout": "0"}},
+                {"replication": {"job_end_timeout": "soon"}},
+                {"libvirt": {"unavailable_wait": "-1"}}):
+        with pytest.raises(config_mod.ConfigError):
+            config_mod.load("/nonexistent", bad)
