@@ -16,14 +16,12 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import socket
-import ssl
 import sys
 from typing import Any
 
-from vdsm_lsm import client_errors
+from vdsm_lsm import client_errors, client_socket
 
-DEFAULT_SOCKET = "/run/vdsm-lsm/api.sock"
+DEFAULT_SOCKET = client_socket.DEFAULT_SOCKET
 
 # The error of an error answer; its class lives in client_errors so that the
 # move-disk flow can raise and catch it without importing the transport.
@@ -36,46 +34,26 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.unix_path = path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
+        self.sock = client_socket.unix_socket(self.unix_path, self.timeout)
 
 
-class Client:
-    """Talks JSON-RPC 2.0 to the daemon over its unix socket or TCP (TLS)."""
+class Client(client_socket.Endpoint):
+    """Talks JSON-RPC 2.0 to the daemon over its unix socket or TCP (TLS).
 
-    def __init__(
-        self,
-        socket_path: str | None = None,
-        host: str | None = None,
-        port: int = 54321,
-        tls_key: str | None = None,
-        tls_cert: str | None = None,
-        tls_ca: str | None = None,
-        timeout: float = 600.0,
-    ) -> None:
-        if host is None and socket_path is None:
-            socket_path = DEFAULT_SOCKET
-        self.socket_path = socket_path
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self._ssl: ssl.SSLContext | None = None
-        if tls_ca or tls_cert:
-            ctx = ssl.create_default_context(cafile=tls_ca)
-            ctx.check_hostname = False
-            if tls_cert:
-                ctx.load_cert_chain(tls_cert, tls_key)
-            self._ssl = ctx
+    Client(socket_path=None, host=None, port=54321, tls_key=None,
+    tls_cert=None, tls_ca=None, timeout=600.0): see vdsm_lsm/client_socket.py.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self._ids = itertools.count(1)
         self._conn: http.client.HTTPConnection | None = None
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.host is not None:
-            if self._ssl is not None:
+            if self.ssl_context is not None:
                 return http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout, context=self._ssl
+                    self.host, self.port, timeout=self.timeout, context=self.ssl_context
                 )
             return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         assert self.socket_path is not None

@@ -25,6 +25,7 @@ reached; the next call connects again (the history is kept).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import logging
@@ -36,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from vdsm_lsm import client_errors
+from vdsm_lsm import client_errors, client_socket
 
 log = logging.getLogger("vdsm_lsm.stomp_client")
 
@@ -54,34 +55,19 @@ _POLL = 0.05  # how often a TLS reader lets a writer take the socket
 Predicate = Callable[[dict[str, Any]], bool]
 
 
-class StompClient:
-    """Talks JSON-RPC 2.0 in STOMP frames to the daemon; keeps its events."""
+@dataclasses.dataclass(eq=False)
+class StompClient(client_socket.Endpoint):
+    """Talks JSON-RPC 2.0 in STOMP frames to the daemon; keeps its events.
 
-    def __init__(
-        self,
-        socket_path: str | None = None,
-        host: str | None = None,
-        port: int = 54321,
-        tls_key: str | None = None,
-        tls_cert: str | None = None,
-        tls_ca: str | None = None,
-        timeout: float = 600.0,
-        destination: str = REQUESTS,
-    ) -> None:
-        if host is None and socket_path is None:
-            socket_path = "/run/vdsm-lsm/api.sock"
-        self.socket_path = socket_path
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self.destination = destination
-        self._ssl: ssl.SSLContext | None = None
-        if tls_ca or tls_cert:
-            ctx = ssl.create_default_context(cafile=tls_ca)
-            ctx.check_hostname = False
-            if tls_cert:
-                ctx.load_cert_chain(tls_cert, tls_key)
-            self._ssl = ctx
+    StompClient(socket_path=None, host=None, port=54321, tls_key=None,
+    tls_cert=None, tls_ca=None, timeout=600.0, destination=REQUESTS): the
+    address as vdsm_lsm/client_socket.py's, the requests' destination.
+    """
+
+    destination: str = REQUESTS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._replies: dict[Any, dict[str, Any]] = {}
@@ -152,7 +138,7 @@ class StompClient:
             with self._cond:
                 if self._conn is not None:
                     return self._conn
-            conn = _Connection(self._open_socket(), self._on_frame, self._on_closed)
+            conn = _Connection(self.open_socket(), self._on_frame, self._on_closed)
             try:
                 conn.handshake()
             except BaseException:
@@ -162,26 +148,6 @@ class StompClient:
                 self._conn = conn
             conn.start()
             return conn
-
-    def _open_socket(self) -> socket.socket:
-        if self.host is None:
-            assert self.socket_path is not None
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        if self._ssl is not None:
-            try:
-                return self._ssl.wrap_socket(sock, server_hostname=self.host)
-            except BaseException:
-                sock.close()
-                raise
-        return sock
 
     def _on_frame(self, conn: _Connection, command: str, headers: dict[str, str],
                   body: bytes) -> None:

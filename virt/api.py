@@ -40,10 +40,9 @@ import libvirt
 from common import errors as common_errors
 from virt import (
     connection,
-    domxml,
+    domain_def,
     errors,
     events,
-    metadata,
     migration,
     migration_dest,
     migration_job,
@@ -190,8 +189,7 @@ class API:
                 raise errors.VMExistsError(vm_id=vm_id)
             self._creating[vm_id] = None
         try:
-            if self._domain_exists(vm_id):
-                raise errors.VMExistsError("a libvirt domain has this UUID", vm_id=vm_id)
+            domain_def.check_free(self.connection, vm_id)
             vm = self._create(vm_id, params)
             with self._lock:
                 self._vms[vm_id] = vm
@@ -346,18 +344,7 @@ class API:
             self._own(vm)
             with self._lock:
                 self._creating[vm_id] = vm
-            dom_spec = domxml.DomainSpec(
-                vm_id=vm_id,
-                name=params.name,
-                memory_mib=params.memory_mib,
-                vcpus=params.vcpus,
-                domain_type=domxml.DOMAIN_TYPES[params.accel],
-                kernel=params.kernel,
-                initrd=params.initrd,
-                cmdline=params.cmdline,
-                serial_log=params.serial_log,
-            )
-            xml = domxml.build(dom_spec, drives, metadata.to_element(drives))
+            xml = domain_def.xml(vm_id, params, drives)
             log.info("Creating vm=%s name=%s accel=%s", vm_id, params.name, params.accel)
             log.debug("Domain vm=%s xml=%s", vm_id, xml)
             try:
@@ -435,15 +422,6 @@ class API:
             except Exception:
                 log.exception("Teardown failed vm=%s drive=%s volume=%s", vm_id, d.name, vol_id)
         d.prepared = []
-
-    def _domain_exists(self, vm_id: str) -> bool:
-        try:
-            self.connection.lookup(vm_id)
-        except libvirt.libvirtError as e:
-            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return False
-            raise
-        return True
 
     def _destroy_leftover(self, vm_id: str) -> None:
         """Destroy a domain a failed create may have started (its UUID was free)."""

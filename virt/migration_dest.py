@@ -12,8 +12,8 @@ VDSM's source does; this host then knows the VM and expects it::
          a leaf must be LEGAL: a chain the SPM has not synced is refused
          (DestinationChainNotSynced), one it has not cloned is refused by
          storage (ImageDoesNotExistInSD, VolumeDoesNotExist)
-      3. the domain XML is built as VM.create builds it, on this host's
-         prepare links, with our metadata inside
+      3. the domain XML is built as VM.create builds it (virt/domain_def.py),
+         on this host's prepare links, with our metadata inside
       4. answer {vmId, status: "Migration Destination", domainXml,
          libvirtUri ([libvirt] migration_uri), migrateUri?, disksUri?}:
          with [libvirt] migration_socket_dir set, the memory and NBD streams
@@ -51,9 +51,8 @@ import libvirt
 from common import errors as common_errors
 from virt import (
     connection,
-    domxml,
+    domain_def,
     errors,
-    metadata,
     migration_job,
     replication,
     storage_iface,
@@ -129,16 +128,14 @@ class Incoming:
     def create(self, vm_id: str, params: dict[str, Any]) -> dict[str, Any]:
         """Prepare for vm_id; the caller has reserved the id (no VM, no other create)."""
         checked = vmparams.parse(vm_id, params, self._accel)
-        if self._domain_exists(vm_id):
-            raise errors.VMExistsError("a libvirt domain has this UUID", vm_id=vm_id)
+        domain_def.check_free(self._conn, vm_id)
         drives: list[drive_mod.Drive] = []
         try:
             for i, spec in enumerate(checked.drives):
                 drives.append(self._prepare_drive(vm_id, i, spec, True))
             for d in drives:
                 self._check_synced(d)
-            xml = domxml.build(_domain_spec(vm_id, checked), drives,
-                               metadata.to_element(drives))
+            xml = domain_def.xml(vm_id, checked, drives)
             sockets = self._sockets(vm_id)
         except BaseException:
             for d in reversed(drives):
@@ -275,29 +272,6 @@ class Incoming:
         for d in reversed(vm.drives):
             self._teardown_drive(vm.id, d)
         _remove(exp.sockets)
-
-    def _domain_exists(self, vm_id: str) -> bool:
-        try:
-            self._conn.lookup(vm_id)
-        except libvirt.libvirtError as e:
-            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return False
-            raise
-        return True
-
-
-def _domain_spec(vm_id: str, p: vmparams.VMParams) -> domxml.DomainSpec:
-    return domxml.DomainSpec(
-        vm_id=vm_id,
-        name=p.name,
-        memory_mib=p.memory_mib,
-        vcpus=p.vcpus,
-        domain_type=domxml.DOMAIN_TYPES[p.accel],
-        kernel=p.kernel,
-        initrd=p.initrd,
-        cmdline=p.cmdline,
-        serial_log=p.serial_log,
-    )
 
 
 def _remove(paths: list[str]) -> None:
