@@ -2,7 +2,7 @@
 
 libvirt keeps one element per namespace in a domain's metadata; ours is::
 
-    <lsm:vm xmlns:lsm="http://vdsm-lsm/1.0">
+    <lsm:vm xmlns:lsm="http://vdsm-lsm/1.0" pauseCode="ENOSPC">   (pauseCode: optional)
       <lsm:drive name="vda" poolID=".." domainID=".." imageID=".." volumeID=".."
                  format="cow" diskType="file" iface="virtio" propagateErrors="off">
         <lsm:volume volumeID=".." path=".." format="RAW"/>   (base first)
@@ -21,10 +21,18 @@ It is written into the domain XML at creation and replaced with
 drive changes (snapshot, pivot), so a restarted daemon can rebuild its VMs
 (virt/recovery.py). Reading ignores namespace prefixes: libvirt re-serializes
 the element.
+
+``pauseCode`` records a pause the daemon made itself: the watermark monitor
+suspends a VM whose thin replica cannot grow (virt/thinp_pause.py), and
+libvirt then says only "paused by the user"; a restarted daemon reads the
+code back to know the VM is paused out of space (``VM.refresh_state``). It
+is absent otherwise (older metadata has none: nothing recorded). Every
+rewrite of the drives carries it (``VM.persist`` passes the VM's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -49,13 +57,25 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def to_element(drives: list[drive_mod.Drive], namespaced: bool = True) -> ET.Element:
+@dataclasses.dataclass
+class Record:
+    """What our element holds: the drives, and the pause code of a pause
+    the daemon made (None: nothing recorded)."""
+
+    drives: list[drive_mod.Drive]
+    pause_code: str | None = None
+
+
+def to_element(drives: list[drive_mod.Drive], namespaced: bool = True,
+               pause_code: str | None = None) -> ET.Element:
     """Our metadata element; in our namespace for a domain XML, plain for setMetadata."""
 
     def _q(tag: str) -> str:
         return _qname(tag, namespaced)
 
     root = ET.Element(_q("vm"))
+    if pause_code is not None:
+        root.set("pauseCode", pause_code)
     for d in drives:
         el = ET.SubElement(
             root,
@@ -98,13 +118,19 @@ def _add_chain(parent: ET.Element, chain: list[drive_mod.Volume], q: Callable[[s
         ET.SubElement(parent, q("volume"), volumeID=v.volume_id, path=v.path, format=v.format)
 
 
-def to_xml(drives: list[drive_mod.Drive]) -> str:
+def to_xml(drives: list[drive_mod.Drive], pause_code: str | None = None) -> str:
     """The element as setMetadata wants it: libvirt puts it in our namespace itself."""
-    return ET.tostring(to_element(drives, namespaced=False), encoding="unicode")
+    return ET.tostring(to_element(drives, namespaced=False, pause_code=pause_code),
+                       encoding="unicode")
 
 
 def from_xml(text: str) -> list[drive_mod.Drive]:
     """The drives described by our metadata element (raises ValueError if malformed)."""
+    return parse(text).drives
+
+
+def parse(text: str) -> Record:
+    """Our metadata element's drives and recorded pause code (ValueError if malformed)."""
     try:
         root = ET.fromstring(text)
     except ET.ParseError as e:
@@ -149,7 +175,7 @@ def from_xml(text: str) -> list[drive_mod.Drive]:
         if not d.chain:
             raise ValueError(f"drive {d.name} metadata has no chain")
         drives.append(d)
-    return drives
+    return Record(drives, root.get("pauseCode") or None)
 
 
 def _read_chain(parent: ET.Element) -> list[drive_mod.Volume]:
@@ -160,24 +186,35 @@ def _read_chain(parent: ET.Element) -> list[drive_mod.Volume]:
     ]
 
 
-def write(dom: libvirt.virDomain, drives: list[drive_mod.Drive]) -> None:
-    """Replace our metadata element of the running domain."""
+def write(dom: libvirt.virDomain, drives: list[drive_mod.Drive],
+          pause_code: str | None = None) -> None:
+    """Replace our metadata element of the running domain: the drives and the
+    recorded pause code (None: none; a caller rewriting the drives passes
+    the one recorded, as VM.persist does, or it is dropped)."""
     dom.setMetadata(
         libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-        to_xml(drives),
+        to_xml(drives, pause_code),
         PREFIX,
         NS,
         libvirt.VIR_DOMAIN_AFFECT_LIVE,
     )
-    log.debug("Wrote metadata vm=%s drives=%d", dom.UUIDString(), len(drives))
+    log.debug("Wrote metadata vm=%s drives=%d pause_code=%s", dom.UUIDString(), len(drives),
+              pause_code)
 
 
 def read(dom: libvirt.virDomain) -> list[drive_mod.Drive] | None:
     """Our drives of the running domain, or None if it carries no metadata of ours."""
+    record = read_record(dom)
+    return record.drives if record is not None else None
+
+
+def read_record(dom: libvirt.virDomain) -> Record | None:
+    """Our drives and recorded pause code of the running domain, or None if
+    it carries no metadata of ours (raises ValueError if malformed)."""
     try:
         text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     except libvirt.libvirtError as e:
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
             return None
         raise
-    return from_xml(text)
+    return parse(text)

@@ -5,7 +5,11 @@ come from the metadata; the live domain XML is the truth for what QEMU has
 open, so a drive whose metadata lags behind the live leaf (the daemon died
 between a snapshot or a pivot and the metadata write) takes its chain from
 the live XML. Status and pause code come from ``virDomainGetState`` and, for
-a VM paused on an I/O error, ``virDomainGetDiskErrors`` (as VDSM does).
+a VM paused on an I/O error, ``virDomainGetDiskErrors`` (as VDSM does); a VM
+the old daemon suspended itself (the watermark monitor, its replica out of
+room: "paused by the user" for libvirt) is Paused with the pause code the
+metadata records (``pauseCode``), so the monitor resumes it once there is
+room; one paused by hand (nothing recorded) stays Paused NOERR.
 
 A replica in the metadata is kept while its mirror job still runs (its state
 from the live ``<mirror ready=...>``) and dropped otherwise; a drive found on
@@ -66,13 +70,14 @@ def recover_domain(
 ) -> vm_mod.VM | None:
     """A VM object for dom, or None if dom is not ours."""
     try:
-        drives = metadata.read(dom)
+        record = metadata.read_record(dom)
     except ValueError as e:
         log.error("Domain name=%s has unreadable metadata: %s", _name(dom), e)
         return None
-    if drives is None:
+    if record is None:
         log.debug("Domain name=%s is not ours", _name(dom))
         return None
+    drives = record.drives
     if drive_root and not all(_under(d.path, drive_root) for d in drives):
         log.info("Domain name=%s runs on another host's storage paths; not adopted", _name(dom))
         return None
@@ -93,7 +98,7 @@ def recover_domain(
                                     d.volume_id)
     for d in drives:
         _recover_replica(vm_id, dom, storage, d, domain_xml)
-    vm = vm_mod.VM(vm_id, dom.name(), drives, conn)
+    vm = vm_mod.VM(vm_id, dom.name(), drives, conn, recorded_pause=record.pause_code)
     vm.refresh_state()
     _retake_references(vm, storage)
     log.info(

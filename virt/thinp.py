@@ -42,7 +42,9 @@ drive (COW leaf reached as a block device) of every VM:
   runs on.  So a failed replica extension once the source's allocation
   crossed the replica's watermark suspends the VM (pause code ENOSPC)
   before the replica fills; each cycle retries, and resumes the VM once
-  the replica has room or the replication ended (aborted, pivoted).
+  the replica has room or the replication ended (aborted, pivoted).  That
+  pause is recorded in the domain's metadata (virt/thinp_pause.py), so a
+  restarted daemon's monitor resumes it too.
 
 One thread per daemon (``Monitor(storage, spm, api.vms, config)``, its
 hooks in ``api.events.threshold_hooks`` and ``io_error_hooks``).  The
@@ -62,7 +64,7 @@ import libvirt
 
 from common import sizes
 from virt import drive as drive_mod
-from virt import storage_iface
+from virt import storage_iface, thinp_pause
 from virt import vm as vm_mod
 
 log = logging.getLogger("virt.thinp")
@@ -258,6 +260,11 @@ class Monitor:
             if not enospc:
                 self._enospc.pop(vm.id, None)
                 self._paused.pop(vm.id, None)
+        thinp_pause.forget_stale(vm)
+        if enospc and not paused and vm.recorded_pause == vm_mod.ENOSPC:
+            # A previous daemon's pause (recovered): for which replica is not
+            # known, so every drive must have room (one no longer mirrored has).
+            paused = {d.name for d in vm.drives}
         thin = [d for d in vm.drives if is_thin(d) or replica_only(d)]
         ok = True
         room: dict[str, bool] = {}
@@ -287,14 +294,8 @@ class Monitor:
         self._resume(vm)
 
     def _resume(self, vm: vm_mod.VM) -> None:
-        if vm.status != vm_mod.PAUSED or vm.pause_code != vm_mod.ENOSPC:
+        if not thinp_pause.resume(vm):
             return
-        try:
-            vm.call(lambda dom: dom.resume())
-        except libvirt.libvirtError as e:
-            log.warning("Cannot resume vm=%s after extension: %s", vm.id, e)
-            return
-        vm.set_status(vm_mod.UP)
         with self._lock:
             self._enospc.pop(vm.id, None)
             self._paused.pop(vm.id, None)
@@ -311,15 +312,8 @@ class Monitor:
             self._paused.setdefault(vm.id, set()).add(d.name)
         if vm.status == vm_mod.PAUSED:
             return  # already (its source out of space too, or by hand)
-        try:
-            vm.call(lambda dom: dom.suspend())
-        except libvirt.libvirtError as e:
-            log.error("Cannot pause vm=%s, its replica has no room drive=%s: %s", vm.id, d.name, e)
-            return
-        vm.set_status(vm_mod.PAUSED, vm_mod.ENOSPC)
-        log.warning("Paused vm=%s (ENOSPC): the replica of drive=%s cannot be extended "
-                    "(allocation=%d replica_physical=%d watermark=%d): %s", vm.id, d.name,
-                    allocation, replica_physical, self.mark, why)
+        thinp_pause.pause(vm, d.name, f"(allocation={allocation} replica_physical="
+                          f"{replica_physical} watermark={self.mark}): {why}")
 
     def _check_drive(self, vm: vm_mod.VM, d: drive_mod.Drive) -> bool:
         """Extend the drive if it needs it; whether it has room (is below its watermark).

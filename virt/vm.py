@@ -18,6 +18,14 @@ crashed: libvirt's STOPPED event, or a lookup that finds no domain),
 VM's storage first, then sets it Down, as VDSM's ``_onQemuDeath`` does);
 the VM stays listed, Down, until ``VM.destroy``.
 
+**A pause the daemon made** (the watermark monitor suspends a VM whose
+thin replica cannot grow: libvirt says "paused by the user") is recorded
+with its pause code in the domain's metadata (:meth:`VM.record_pause`,
+virt/metadata.py), so that a restarted daemon still knows the VM is paused
+out of space (:meth:`VM.refresh_state`) and its monitor resumes it once
+there is room; a VM paused by hand has nothing recorded and stays paused
+NOERR.  The record is cleared once the VM runs again.
+
 **While libvirtd is away** (restarting), :meth:`VM.stats` does not wait
 for it: it answers the last status, sizes and mirror progress it read.
 """
@@ -103,6 +111,7 @@ class VM:
         conn: connection.Connection,
         status: str = DOWN,
         pause_code: str = NOERR,
+        recorded_pause: str | None = None,
     ) -> None:
         self.id = vm_id
         self.name = name
@@ -112,6 +121,9 @@ class VM:
         self._state_lock = threading.Lock()
         self._status = status
         self._pause_code = pause_code
+        # The pause code of a pause the daemon made, as our metadata records
+        # it (None: nothing recorded); written under ``lock``.
+        self._recorded_pause = recorded_pause
         # Why it is Down, once it went Down (None: not known, or not Down).
         self._exit: Exit | None = None
         # Told of every change of status or pause code (virt/notify.py).
@@ -138,6 +150,11 @@ class VM:
     def pause_code(self) -> str:
         with self._state_lock:
             return self._pause_code
+
+    @property
+    def recorded_pause(self) -> str | None:
+        """The pause code our metadata records for a pause the daemon made (None: none)."""
+        return self._recorded_pause
 
     @property
     def exit(self) -> Exit | None:
@@ -189,6 +206,11 @@ class VM:
             code = NOERR
             if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
                 code = self._read_pause_code()
+            elif (state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_USER
+                  and self._recorded_pause in (ENOSPC, EIO, EOTHER)):
+                # Suspended by the daemon (the watermark monitor), not by a user.
+                code = self._recorded_pause
+                log.info("VM paused by the daemon vm=%s pause_code=%s (recorded)", self.id, code)
             self.set_status(PAUSED, code)
         elif state in (
             libvirt.VIR_DOMAIN_SHUTOFF,
@@ -218,8 +240,30 @@ class VM:
         return self._conn.call(lambda c: fn(c.lookupByUUIDString(self.id)), retry=retry)
 
     def persist(self) -> None:
-        """Write the drives into the domain's metadata (for recovery after a restart)."""
-        self.call(lambda dom: metadata.write(dom, self.drives))
+        """Write the drives into the domain's metadata (for recovery after a
+        restart), with the pause code recorded (kept)."""
+        self.call(lambda dom: metadata.write(dom, self.drives, self._recorded_pause))
+
+    def record_pause(self, code: str | None) -> None:
+        """Record in the domain's metadata (with the drives) the pause code
+        of a pause the daemon makes, or with None clear it; raises libvirt's
+        error if it cannot be written (nothing changed then)."""
+        with self.lock:
+            if code == self._recorded_pause:
+                return
+            self.call(lambda dom: metadata.write(dom, self.drives, code))
+            if code is None:
+                log.info("Cleared the recorded pause vm=%s was=%s", self.id, self._recorded_pause)
+            else:
+                log.info("Recorded the pause vm=%s pause_code=%s", self.id, code)
+            self._recorded_pause = code
+
+    def forget_pause(self) -> None:
+        """Clear the recorded pause (the VM runs again); a failure is logged."""
+        try:
+            self.record_pause(None)
+        except (libvirt.libvirtError, errors.Error) as e:
+            log.warning("Cannot clear the recorded pause vm=%s: %s", self.id, e)
 
     # Drives
 
@@ -266,6 +310,7 @@ class VM:
                 raise errors.OperationError(str(e), op="cont", vm_id=self.id) from e
             log.info("Resumed vm=%s", self.id)
             self.set_status(UP)
+            self.forget_pause()
 
     def destroy_domain(self) -> None:
         """Stop QEMU now; a domain already gone is fine (its exit kept)."""

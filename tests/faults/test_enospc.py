@@ -25,10 +25,27 @@ steps: the VG is filled right after ``VM.diskReplicateStart`` returns, and
 ``Image.syncData`` is sent once the VM is seen paused (no pivot can race
 the fault).  The monitor's and the flow's decisions are unit-tested on
 fakes first.
+
+Then the same pause across a daemon restart: the monitor's pause is a plain
+suspend (libvirt: "paused by the user"), so the daemon records its pause
+code in the domain's metadata (virt/thinp_pause.py).  ``move-disk`` is
+stopped after the mirror started (and killed), the VG filled, the VM seen
+paused out of space, the daemon killed with ``kill -9``, the filler removed,
+the daemon started again (connect, spmStart): it recovers the VM Paused with
+ENOSPC (not NOERR: nobody would resume it), its monitor extends the replica
+and resumes the guest, and ``move-disk`` run again finishes the move.  A VM
+paused by hand is recovered NOERR and left paused:
+tests/virt/test_recovery_pause.py.
+
+Both real cases share the module's daemon and writing guest (its disk back
+on the file domain after the first, on the block domain after the second);
+the last test destroys it and finds every acknowledged write.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -161,14 +178,30 @@ def site(fault_site_factory: Any) -> Iterator[site_mod.FaultSite]:
     yield fault_site_factory(chunk_mb=CHUNK_MB, config={"irs": {"volume_utilization_percent": 50}})
 
 
-@storage_conftest.requires_root
-@pytest.mark.timeout(600)
-def test_destination_out_of_space_pauses_the_vm_and_the_move_rolls_back(site):
+@dataclasses.dataclass
+class Guest:
+    """The module's writing guest, its image, and the domain its disk is on."""
+
+    img: str
+    vm: Any
+    on: str
+
+
+@pytest.fixture(scope="module")
+def guest(site: site_mod.FaultSite) -> Guest:
     img, (_, leaf) = site.create_image(site.file_sd)
     # 25 blocks of 64 KiB a second over 48 MiB: the new leaf (and so the
     # replica) grows past one chunk within seconds, ~1.6 MiB/s at most,
     # so the 8 MiB of watermark leave the monitor seconds to pause the VM.
     vm = site.start_guest(img, leaf, site.file_sd, span_mb=48, rate=25)
+    return Guest(img, vm, site.file_sd)
+
+
+@storage_conftest.requires_root
+@pytest.mark.timeout(600)
+def test_destination_out_of_space_pauses_the_vm_and_the_move_rolls_back(site, guest):
+    img, vm = guest.img, guest.vm
+    assert guest.on == site.file_sd
     run = enospc_util.FlowRun(site, vm, site.block_sd)
     run.flow.enospc_timeout = 5.0
     seen: dict[str, Any] = {}
@@ -201,7 +234,56 @@ def test_destination_out_of_space_pauses_the_vm_and_the_move_rolls_back(site):
     vm.wait_acks(vm.acks() + 20)
     site.assert_clean(vm, img, site.file_sd)
 
-    chain = site.chain(vm)
+
+@storage_conftest.requires_root
+@pytest.mark.timeout(600)
+def test_a_vm_paused_out_of_space_is_resumed_after_a_daemon_restart(site, guest):
+    img, vm = guest.img, guest.vm
+    assert guest.on == site.file_sd
+    args = site.move_args(vm, site.block_sd)
+    site.move_disk_killed_after("mirror_started", *args)
+    enospc_util.fill_vg(site)
+    try:
+        # The replica cannot grow: the monitor pauses the VM (recording why).
+        enospc_util.wait_status(site, vm, "Paused", "ENOSPC")
+        assert site.block_job(vm), "the mirror job was gone while the VM was paused"
+        site.kill9_daemon()
+    finally:
+        enospc_util.remove_filler(site)
+    acks = vm.acks()
+    log_start = len(site.daemon.log())
+
+    site.restart_daemon()
+
+    stats = site.stats(vm)
+    assert (stats["status"], stats["pauseCode"]) in (
+        ("Paused", "ENOSPC"), ("Up", "NOERR")), stats  # Up: the monitor was quick
+    log = site.daemon.log()[log_start:]
+    recovered = [line for line in log.splitlines() if f"Recovered vm={vm.vm_id}" in line]
+    assert len(recovered) == 1 and "status=Paused pause_code=ENOSPC" in recovered[0], recovered
+    # Its replica extended now that there is room, the monitor resumes it.
+    enospc_util.wait_status(site, vm, "Up")
+    vm.wait_acks(acks + 20)
+    assert f"Resumed vm={vm.vm_id}: its thin drives have room" in site.daemon.log()[log_start:]
+    assert site.disk(vm)["replicate"]["state"] in ("copying", "ready")
+
+    proc = site.move_disk(*args)  # run again: it resumes from its journal
+
+    assert proc.returncode == 0, proc.stderr
+    summary: dict[str, Any] = json.loads(proc.stdout)
+    assert summary["resumed"] is True and summary["dstDomainID"] == site.block_sd, summary
+    guest.on = site.block_sd
+    site.assert_clean(vm, img, site.block_sd)
+    vm.wait_acks(vm.acks() + 5)
+
+
+@storage_conftest.requires_root
+def test_at_the_end_no_acknowledged_write_is_lost(site, guest):
+    vm = guest.vm
+    site.assert_clean(vm, guest.img, guest.on)
+    leaf = site.chain(vm)[-1]
     site.call("VM.destroy", vmID=vm.vm_id)
-    result = site.verify(vm, img, site.file_sd, chain[-1])
+
+    result = site.verify(vm, guest.img, guest.on, leaf)
+
     assert result.ok and result.lost == 0, str(result)

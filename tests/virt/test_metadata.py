@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from virt import drive as drive_mod
@@ -65,3 +67,34 @@ def test_set_metadata_form_is_not_namespaced():
 def test_malformed_metadata_is_value_error(text):
     with pytest.raises(ValueError):
         metadata.from_xml(text)
+
+
+# The pause code of a pause the daemon made (the watermark monitor's)
+
+
+def test_pause_code_round_trip():
+    d = make_drive()
+
+    record = metadata.parse(metadata.to_xml([d], "ENOSPC"))
+
+    assert record == metadata.Record([d], "ENOSPC")
+    assert metadata.from_xml(metadata.to_xml([d], "ENOSPC")) == [d]  # the drives alone
+
+
+def test_the_element_libvirt_gives_back_keeps_the_pause_code():
+    # libvirt answers the element in our namespace, with its prefix.
+    text = ET.tostring(metadata.to_element([make_drive()], pause_code="ENOSPC"),
+                       encoding="unicode")
+    assert "lsm:vm" in text
+    assert metadata.parse(text).pause_code == "ENOSPC"
+
+
+def test_older_metadata_without_a_pause_code_is_read_as_nothing_recorded():
+    text = ("<vm><drive name='vda' poolID='p' domainID='s' imageID='i' volumeID='v' "
+            "format='cow'><volume volumeID='v' path='/r/s/i/v' format='COW'/></drive></vm>")
+
+    record = metadata.parse(text)
+
+    assert record.pause_code is None
+    assert [(d.name, d.volume_id) for d in record.drives] == [("vda", "v")]
+    assert "pauseCode" not in metadata.to_xml([make_drive()])

@@ -83,6 +83,16 @@ class FakeDomain:
         self.resumed = 0
         # Raised by setBlockThreshold when set (a QEMU without block thresholds).
         self.threshold_error: libvirt.libvirtError | None = None
+        # Our metadata element as setMetadata got it (the monitor records its pauses).
+        self.metadata_xml: str | None = None
+
+    def UUIDString(self) -> str:  # noqa: N802
+        return "fake"
+
+    def setMetadata(self, kind: int, text: str, prefix: str, uri: str,  # noqa: N802
+                    flags: int = 0) -> int:
+        self.metadata_xml = text
+        return 0
 
     def blockInfo(self, dev: str, flags: int = 0) -> list[int]:  # noqa: N802 (libvirt's name)
         return list(self.info)

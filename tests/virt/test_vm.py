@@ -147,6 +147,77 @@ def test_persist_writes_drives_recovery_reads_back():
     ]
 
 
+# A pause the daemon made, recorded in the metadata
+
+
+PAUSED_USER = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
+
+
+@pytest.mark.parametrize(
+    "recorded, state, status, code",
+    [
+        # Suspended by the watermark monitor: libvirt says "by the user".
+        (vm_mod.ENOSPC, PAUSED_USER, vm_mod.PAUSED, vm_mod.ENOSPC),
+        # Suspended by hand (virsh suspend): nothing recorded.
+        (None, PAUSED_USER, vm_mod.PAUSED, vm_mod.NOERR),
+        # The daemon died between the record and the suspend, or it was resumed since.
+        (vm_mod.ENOSPC, (libvirt.VIR_DOMAIN_RUNNING, 1), vm_mod.UP, vm_mod.NOERR),
+        # Paused for another reason than a suspend: not ours.
+        (vm_mod.ENOSPC, (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION),
+         vm_mod.PAUSED, vm_mod.NOERR),
+        ("bogus", PAUSED_USER, vm_mod.PAUSED, vm_mod.NOERR),
+    ],
+)
+def test_refresh_state_reads_the_recorded_pause_code(recorded, state, status, code):
+    vm_id = str(uuid.uuid4())
+    dom = fake_libvirt.Domain(vm_id, state)
+    vm = vm_mod.VM(vm_id, "vm", [make_drive()], fake_libvirt.Connection(dom),
+                   recorded_pause=recorded)
+
+    vm.refresh_state()
+
+    assert (vm.status, vm.pause_code) == (status, code)
+    assert "setMetadata" not in dom.calls  # reading never writes
+
+
+def test_a_rewrite_of_the_drives_keeps_the_recorded_pause():
+    vm, dom, _ = make_vm()
+    vm.record_pause(vm_mod.ENOSPC)
+    vm.drives[0].volume_id = "new-leaf"  # a snapshot or a pivot, then persist
+
+    vm.persist()
+
+    record = metadata.read_record(dom)
+    assert record is not None and record.pause_code == vm_mod.ENOSPC
+    assert record.drives[0].volume_id == "new-leaf"
+    vm.record_pause(None)
+    record = metadata.read_record(dom)
+    assert record is not None and record.pause_code is None
+    assert record.drives[0].volume_id == "new-leaf"
+
+
+def test_a_record_that_cannot_be_written_changes_nothing():
+    vm, dom, _ = make_vm()
+    dom.failures["setMetadata"] = fake_libvirt.error(libvirt.VIR_ERR_OPERATION_INVALID)
+    with pytest.raises(libvirt.libvirtError):
+        vm.record_pause(vm_mod.ENOSPC)
+    assert vm.recorded_pause is None
+    vm.forget_pause()  # nothing to clear: no write tried
+    assert dom.calls == ["setMetadata"]
+
+
+def test_cont_clears_the_recorded_pause():
+    vm, dom, _ = make_vm()
+    vm.record_pause(vm_mod.ENOSPC)
+    vm.set_status(vm_mod.PAUSED, vm_mod.ENOSPC)
+
+    vm.cont()
+
+    assert vm.recorded_pause is None
+    record = metadata.read_record(dom)
+    assert record is not None and record.pause_code is None
+
+
 # Operations
 
 
