@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from contrib.guest import verifier
-from tests.cluster import conftest, hosts
+from tests.cluster import conftest, guests, hosts
 from tests.virt.conftest import domains, guest_files, vm_params, workdir  # noqa: F401
 from vdsm_lsm import api_schema, client
 
@@ -84,25 +84,12 @@ class Pair:
     def create_volume(self, sd_id: str, img_id: str, vol_id: str, fmt: str,
                       parent: str = BLANK) -> None:
         """Volume.create on the SPM, waited for."""
-        block = sd_id == self.ids.block_sd
-        task = self.spm.call(
-            "Volume.create", storagepoolID=self.pool_id, storagedomainID=sd_id,
-            imageID=img_id, volumeID=vol_id, size=SIZE, volFormat=fmt,
-            preallocate="PREALLOCATED" if fmt == "RAW" and block else "SPARSE",
-            desc="cluster lsm", srcImgUUID=img_id if parent != BLANK else BLANK,
-            srcVolUUID=parent)
-        status = self.spm.wait_task(task)
-        assert status["taskResult"] == "success", status
-        self.spm.call("Task.clear", taskID=task)
+        guests.create_volume(self.spm, self.ids, sd_id, img_id, vol_id, fmt, parent,
+                             desc="cluster lsm", size=SIZE)
 
     def start_guest(self, vm_params: Any, sd_id: str, img_id: str, leaf: str) -> Any:  # noqa: F811
-        drive = {"poolID": self.pool_id, "domainID": sd_id, "imageID": img_id,
-                 "volumeID": leaf, "format": "cow"}
-        vm = vm_params([drive], rate=50)
-        self.hsm.call("VM.create", vmID=vm.vm_id, vmParams=vm.params)
-        self.vms.append(vm.vm_id)
-        vm.wait_acks(30)
-        return vm
+        return guests.start_guest(self.hsm, vm_params, self.vms, self.pool_id, sd_id, img_id,
+                                  leaf)
 
     def legality(self, host: hosts.ClusterHost, sd_id: str, img_id: str, vol_id: str) -> str:
         info = host.call("Volume.getInfo", storagepoolID=self.pool_id, storagedomainID=sd_id,

@@ -39,7 +39,7 @@ import pytest
 
 from contrib.guest import verifier
 from tests import daemon as daemon_mod
-from tests.cluster import conftest, hosts, joining
+from tests.cluster import conftest, guests, hosts, joining
 from tests.virt.conftest import domains, guest_files, vm_params, workdir  # noqa: F401
 from vdsm_lsm import api_schema, client
 
@@ -121,14 +121,8 @@ class Trio:
 
     def create_volume(self, sd_id: str, img_id: str, vol_id: str, fmt: str,
                       parent: str = BLANK) -> None:
-        block = sd_id == self.ids.block_sd
-        task = self.spm.call(
-            "Volume.create", storagepoolID=self.pool_id, storagedomainID=sd_id,
-            imageID=img_id, volumeID=vol_id, size=SIZE, volFormat=fmt,
-            preallocate="PREALLOCATED" if fmt == "RAW" and block else "SPARSE",
-            desc="cluster migration", srcImgUUID=img_id if parent != BLANK else BLANK,
-            srcVolUUID=parent)
-        self.wait(task)
+        guests.create_volume(self.spm, self.ids, sd_id, img_id, vol_id, fmt, parent,
+                             desc="cluster migration", size=SIZE)
 
     def wait(self, task: str) -> None:
         status = self.spm.wait_task(task)
@@ -143,14 +137,8 @@ class Trio:
         return img, base, leaf
 
     def start_guest(self, vm_params: Any, img: str, leaf: str) -> Any:  # noqa: F811
-        drive = {"poolID": self.pool_id, "domainID": self.src_sd, "imageID": img,
-                 "volumeID": leaf, "format": "cow"}
-        vm = vm_params([drive], rate=50)
-        vm.params["memSize"] = 256
-        self.a.call("VM.create", vmID=vm.vm_id, vmParams=vm.params)
-        self.vms.append(vm.vm_id)
-        vm.wait_acks(30)
-        return vm
+        return guests.start_guest(self.a, vm_params, self.vms, self.pool_id, self.src_sd, img,
+                                  leaf, memSize=256)
 
     def move(self, vm: Any, *args: str, wait: bool = True) -> Any:
         """vdsm-lsm-client move-disk --to-host B against A, as a subprocess."""

@@ -27,6 +27,7 @@ import pytest
 
 from contrib.guest import verifier
 from storage import commands
+from tests import pool_site
 from tests.virt.conftest import domains, guest_files, vm_params, workdir  # noqa: F401
 from vdsm_lsm import api_schema, client_errors, journal, move_disk, move_progress
 
@@ -43,49 +44,21 @@ def code(name: str) -> int:
     return api_schema.code_of(name)
 
 
-class Site:
+class Site(pool_site.PoolSite):
     """A daemon with a pool of two file domains (source, destination); SPM here."""
 
     def __init__(self, daemon: Any, src_path: str, dst_path: str) -> None:
-        self.daemon = daemon
-        self.pool_id, self.src_sd, self.dst_sd = new_id(), new_id(), new_id()
+        super().__init__(daemon, new_id())
+        self.src_sd, self.dst_sd = new_id(), new_id()
         self.src_path, self.dst_path = src_path, dst_path
         self.formatted: list[str] = []
         for sd_id, path, name in ((self.src_sd, src_path, "src"), (self.dst_sd, dst_path, "dst")):
-            os.makedirs(path, exist_ok=True)
-            self.call("StorageDomain.create", storagedomainID=sd_id, domainType="file",
-                      typeArgs={"path": path}, name=f"movedisk-{name}")
+            self.create_file_domain(sd_id, path, f"movedisk-{name}")
             self.formatted.append(sd_id)
-        self.call("StoragePool.create", storagepoolID=self.pool_id, name="movedisk",
-                  masterSdUUID=self.src_sd, domainList=[self.src_sd, self.dst_sd])
-        self.call("StoragePool.connect", storagepoolID=self.pool_id, hostID=1,
-                  masterSdUUID=self.src_sd)
-        self.call("StoragePool.spmStart", storagepoolID=self.pool_id)
-
-    def call(self, method: str, **params: Any) -> Any:
-        rpc = self.daemon.unix(timeout=120)
-        try:
-            return rpc.call(method, **params)
-        finally:
-            rpc.close()
-
-    def wait_task(self, task_id: str) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            status = self.call("Task.getStatus", taskID=task_id)
-            if status["taskState"] == "finished":
-                break
-            time.sleep(0.1)
-        assert status["taskResult"] == "success", status
-        self.call("Task.clear", taskID=task_id)
+        self.create_pool("movedisk", self.src_sd, [self.src_sd, self.dst_sd])
 
     def create_volume(self, img_id: str, vol_id: str, fmt: str, parent: str = BLANK) -> None:
-        self.wait_task(self.call(
-            "Volume.create", storagepoolID=self.pool_id, storagedomainID=self.src_sd,
-            imageID=img_id, volumeID=vol_id, size=64 * MiB, volFormat=fmt,
-            preallocate="SPARSE", desc="", srcImgUUID=img_id if parent != BLANK else BLANK,
-            srcVolUUID=parent,
-        ))
+        self.create_volume_on(self.src_sd, img_id, vol_id, fmt, parent)
 
     def volume_path(self, sd_id: str, img_id: str, vol_id: str) -> str:
         root = self.src_path if sd_id == self.src_sd else self.dst_path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from typing import Any
 
@@ -11,10 +10,10 @@ import libvirt
 import pytest
 
 from contrib.guest import verifier
+from tests import pool_site
 from tests.virt.conftest import libvirt_connection
 from vdsm_lsm import app, client
 
-MiB = 1024**2
 BLANK = "00000000-0000-0000-0000-000000000000"
 
 
@@ -22,44 +21,18 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-class Site:
+class Site(pool_site.PoolSite):
     """A daemon with a pool of one file domain; this host is SPM."""
 
     def __init__(self, daemon: Any, workdir: str) -> None:
-        self.daemon = daemon
-        self.pool_id, self.sd_id = new_id(), new_id()
-        path = self.sd_path = os.path.join(workdir, "sd")
-        os.mkdir(path)
-        self.call("StorageDomain.create", storagedomainID=self.sd_id, domainType="file",
-                  typeArgs={"path": path}, name="vmtest")
-        self.call("StoragePool.create", storagepoolID=self.pool_id, name="vmtest",
-                  masterSdUUID=self.sd_id, domainList=[self.sd_id])
-        self.call("StoragePool.connect", storagepoolID=self.pool_id, hostID=1,
-                  masterSdUUID=self.sd_id)
-        self.call("StoragePool.spmStart", storagepoolID=self.pool_id)
-
-    def call(self, method: str, **params: Any) -> Any:
-        rpc = self.daemon.unix(timeout=120)
-        try:
-            return rpc.call(method, **params)
-        finally:
-            rpc.close()
+        super().__init__(daemon, new_id())
+        self.sd_id = new_id()
+        self.sd_path = os.path.join(workdir, "sd")
+        self.create_file_domain(self.sd_id, self.sd_path, "vmtest")
+        self.create_pool("vmtest", self.sd_id, [self.sd_id])
 
     def create_volume(self, img_id: str, vol_id: str, fmt: str, parent: str = BLANK) -> None:
-        task_id = self.call(
-            "Volume.create", storagepoolID=self.pool_id, storagedomainID=self.sd_id,
-            imageID=img_id, volumeID=vol_id, size=64 * MiB, volFormat=fmt,
-            preallocate="SPARSE", desc="", srcImgUUID=img_id if parent != BLANK else BLANK,
-            srcVolUUID=parent,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            status = self.call("Task.getStatus", taskID=task_id)
-            if status["taskState"] == "finished":
-                break
-            time.sleep(0.1)
-        assert status["taskResult"] == "success", status
-        self.call("Task.clear", taskID=task_id)
+        self.create_volume_on(self.sd_id, img_id, vol_id, fmt, parent)
 
     def cleanup(self) -> None:
         if self.daemon.proc is None:
