@@ -279,8 +279,10 @@ class API:
     ) -> bool:
         vm = self.get_vm(vm_id)
         try:
-            replication.finish(vm, self._storage, self._spm, src_disk, dst_disk,
-                               self._config.job_timeouts)
+            timeouts = self._config.job_timeouts
+            if self.thinp is not None:
+                timeouts = dataclasses.replace(timeouts, while_waiting=self.thinp.checker(vm))
+            replication.finish(vm, self._storage, self._spm, src_disk, dst_disk, timeouts)
         except errors.ReplicationNotInProgressError as e:
             why = vm.exit
             if why is None or dst_disk.get("domainID") == src_disk.get("domainID"):

@@ -180,11 +180,20 @@ def _check_qcow2(vm: vm_mod.VM, d: drive_mod.Drive, path: str) -> None:
 
 def job_info(vm: vm_mod.VM, d: drive_mod.Drive) -> dict[str, Any]:
     """blockJobInfo of the drive: {} when no job runs (or libvirt cannot say)."""
+    return job_info_now(vm, d) or {}
+
+
+def job_info_now(vm: vm_mod.VM, d: drive_mod.Drive) -> dict[str, Any] | None:
+    """blockJobInfo of the drive: {} when no job runs (or the domain is gone),
+    None when libvirt cannot say now (e.g. another call holds the domain's
+    job lock): not a job that ended."""
     try:
         return dict(vm.call(lambda dom: dom.blockJobInfo(d.name, 0)) or {})
     except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return {}
         log.warning("blockJobInfo failed vm=%s drive=%s error=%s", vm.id, d.name, e)
-        return {}
+        return None
 
 
 def live_mirror_ready(domain_xml: str, name: str) -> bool | None:

@@ -62,6 +62,7 @@ import dataclasses
 import logging
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 
 import libvirt
 
@@ -88,6 +89,10 @@ class Timeouts:
     job_stall: float = 10.0
     # A job that still makes progress is waited for this long.
     job_end: float = mirror.JOB_END_TIMEOUT
+    # Called while a job is waited for, holding the VM's lock: the watermark
+    # monitor's check of this VM (Monitor.checker), which would otherwise
+    # skip the busy VM while its guest fills the drive and the replica.
+    while_waiting: Callable[[], None] | None = dataclasses.field(default=None, compare=False)
 
 
 DEFAULT = Timeouts()
@@ -139,13 +144,17 @@ def abort(
 ) -> None:
     """Cancel the mirror; the VM stays on the source, the replica is released."""
     log.info("Aborting replication vm=%s drive=%s dst_sd=%s", vm.id, d.name, r.domain_id)
-    pivot_pending = mirror_state(vm, d) == "pivot"
+    # libvirt opened the replica's chain for a pending pivot; a job that is
+    # gone already may have ended so (cancelled in QEMU by a daemon killed
+    # before it closed them): either way the replica's nodes may be open.
+    release = mirror_state(vm, d) == "pivot"
     d.reset_job_event()
     try:
         vm.call(lambda dom: dom.blockJobAbort(d.name, ASYNC))
     except libvirt.libvirtError as e:
         if not mirror.job_info(vm, d):
             log.info("No block job left to abort vm=%s drive=%s: %s", vm.id, d.name, e)
+            release = True
         else:
             # The job is paused behind libvirt's back, or a pivot of it is pending.
             cancel_in_qemu(vm, d, errors.ReplicaError, f"libvirt cannot abort the mirror: {e}",
@@ -153,7 +162,7 @@ def abort(
     ended = _wait_end(vm, d, timeouts)
     if ended != ENDED:
         cancel_in_qemu(vm, d, errors.ReplicaError, f"the aborted mirror is {ended}", timeouts)
-    if pivot_pending:  # libvirt opened the replica's chain for that pivot
+    if release:
         mirror.release_target(vm, d, r)
     d.replica = None
     persist(vm, d)
@@ -299,11 +308,11 @@ def _wait_end(vm: vm_mod.VM, d: drive_mod.Drive, timeouts: Timeouts = DEFAULT) -
     start = moved = time.monotonic()
     cur = None
     while True:
-        job = mirror.job_info(vm, d)
-        if not job:
+        job = mirror.job_info_now(vm, d)
+        if job == {}:
             return ENDED
         now = time.monotonic()
-        if job.get("cur") != cur:
+        if job is not None and job.get("cur") != cur:
             cur, moved = job.get("cur"), now
         elif now - moved >= timeouts.job_stall:
             log.warning("Block job ending makes no progress vm=%s drive=%s job=%s",
@@ -311,6 +320,8 @@ def _wait_end(vm: vm_mod.VM, d: drive_mod.Drive, timeouts: Timeouts = DEFAULT) -
             return STALLED
         if now - start >= timeouts.job_end:
             return SLOW
+        if timeouts.while_waiting is not None:
+            timeouts.while_waiting()
         d.wait_job(lambda ev: ev is not None and ev[1] in mirror.JOB_ENDED, 0.5)
 
 

@@ -14,16 +14,11 @@ drive (COW leaf reached as a block device) of every VM:
 - when the allocation crosses ``physical - watermark`` the volume grows to
   ``physical + chunk`` (at most its maximum size, ``capacity * 1.1`` in whole
   sectors: ``common.sizes.cow_max_size``, storage's rule): an ``extend``
-  request to the pool's SPM (``storage_iface.SpmRequests``: in-process when
-  this host is the SPM), then ``refresh`` of this host's own device
-  (``storage_iface.HostStorage``), then a new threshold is set. On a host
-  that is not the SPM the request goes to the SPM through the storage
-  mailbox (storage's side: it blocks until the SPM's reply, or fails with
-  storage's coded error after its timeout): the refresh and the next
-  threshold come after the reply, so this host's view grows only once the
-  SPM's lvextend is done. A failure is logged (at ERROR once, then at
-  DEBUG while it repeats) and, for a replication's first extension, raised
-  to the caller; nothing is written in-process;
+  request to the pool's SPM (``storage_iface.SpmRequests``: in-process on
+  the SPM, else through the storage mailbox, blocking until the reply),
+  then ``refresh`` of this host's own device, then a new threshold.  A
+  failure is logged (ERROR once, then DEBUG while it repeats) and, for a
+  replication's first extension, raised to the caller;
 - while the drive is mirrored (a replication with ``need_extend``) to a
   block destination, the **replica is extended first, then the source**, to
   the same size, so the mirror never has less room than the source; a
@@ -46,10 +41,12 @@ drive (COW leaf reached as a block device) of every VM:
   pause is recorded in the domain's metadata (virt/thinp_pause.py), so a
   restarted daemon's monitor resumes it too.
 
+A VM whose lock a verb holds for long (a pivot waited for) is skipped by
+the cycles; that verb calls :meth:`Monitor.checker`'s check as it waits.
+
 One thread per daemon (``Monitor(storage, spm, api.vms, config)``, its
 hooks in ``api.events.threshold_hooks`` and ``io_error_hooks``).  The
-decision (:func:`watermark`, :func:`needs_extension`, :func:`next_size`)
-is plain arithmetic, testable without libvirt.
+decision is plain arithmetic, testable without libvirt (virt/thinp_rules.py).
 """
 
 from __future__ import annotations
@@ -64,7 +61,7 @@ import libvirt
 
 from common import sizes
 from virt import drive as drive_mod
-from virt import storage_iface, thinp_pause
+from virt import storage_iface, thinp_pause, thinp_rules
 from virt import vm as vm_mod
 
 log = logging.getLogger("virt.thinp")
@@ -83,53 +80,6 @@ class Config:
     @property
     def chunk(self) -> int:
         return self.chunk_mb * MiB
-
-
-# Decision
-
-
-def watermark(chunk: int, utilization_percent: int) -> int:
-    """Free bytes left in the LV below which it is extended."""
-    return chunk * utilization_percent // 100
-
-
-def threshold(physical: int, mark: int) -> int:
-    """The block threshold for a volume of physical bytes (0: none)."""
-    return max(physical - mark, 0)
-
-
-def needs_extension(capacity: int, allocation: int, physical: int, mark: int) -> bool:
-    """Whether the allocation crossed physical - watermark and there is room to grow."""
-    return allocation >= physical - mark and physical < sizes.cow_max_size(capacity)
-
-
-def next_size(capacity: int, physical: int, chunk: int) -> int:
-    """The size to extend to: one chunk more, at most the maximum size."""
-    return min(physical + chunk, max(sizes.cow_max_size(capacity), physical))
-
-
-def extension_plan(
-    capacity: int, physical: int, replica_physical: int | None, chunk: int
-) -> list[tuple[str, int]]:
-    """The extensions to grow a drive: [("replica", size), ("source", size)].
-
-    The replica (when there is one to extend) comes first and gets the same
-    size as the source, never less than the source has now.
-    """
-    size = next_size(capacity, physical, chunk)
-    plan = []
-    if replica_physical is not None and replica_physical < size:
-        plan.append(("replica", size))
-    if physical < size:
-        plan.append(("source", size))
-    return plan
-
-
-def replica_size(capacity: int, allocation: int, replica_physical: int, chunk: int) -> int:
-    """The size to extend the replica of a source that is not thin to: a
-    chunk past what the source holds (or the replica has), at most the
-    maximum size."""
-    return next_size(capacity, max(replica_physical, allocation), chunk)
 
 
 # The monitor
@@ -154,7 +104,7 @@ class Monitor:
         self._failing: dict[tuple[str, str, str], str] = {}
         self._vms = vms
         self.config = config
-        self.mark = watermark(config.chunk, config.utilization_percent)
+        self.mark = thinp_rules.watermark(config.chunk, config.utilization_percent)
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -188,6 +138,20 @@ class Monitor:
         t.join()
         self._thread = None
         log.info("Watermark monitor stopped")
+
+    def checker(self, vm: vm_mod.VM) -> Callable[[], None]:
+        """check_vm(vm) at most once an interval, for a thread holding its lock."""
+        last = [time.monotonic()]
+
+        def check() -> None:
+            if time.monotonic() - last[0] >= self.config.interval and vm.status != vm_mod.DOWN:
+                last[0] = time.monotonic()
+                try:
+                    self.check_vm(vm)
+                except Exception:
+                    log.exception("Watermark check failed vm=%s", vm.id)
+
+        return check
 
     def wake(self) -> None:
         """Check all VMs now (rather than at the next interval)."""
@@ -333,12 +297,12 @@ class Monitor:
                 # The mirror must never have less room than the source.
                 self._extend_replica(vm, d, physical, replica_physical, allocation)
                 replica_physical = physical
-        if needs_extension(capacity, allocation, physical, self.mark):
+        if thinp_rules.needs_extension(capacity, allocation, physical, self.mark):
             log.info(
                 "Volume needs extension vm=%s drive=%s allocation=%d physical=%d watermark=%d",
                 vm.id, d.name, allocation, physical, self.mark,
             )
-            for which, size in extension_plan(
+            for which, size in thinp_rules.extension_plan(
                 capacity, physical, replica_physical, self.config.chunk
             ):
                 if which == "replica":
@@ -358,12 +322,13 @@ class Monitor:
         r = d.replica
         assert r is not None
         replica_physical = sizes.device_size(r.path)
-        if needs_extension(capacity, allocation, replica_physical, self.mark):
+        if thinp_rules.needs_extension(capacity, allocation, replica_physical, self.mark):
             log.info(
                 "Replica needs extension vm=%s drive=%s allocation=%d replica_physical=%d "
                 "watermark=%d", vm.id, d.name, allocation, replica_physical, self.mark,
             )
-            size = replica_size(capacity, allocation, replica_physical, self.config.chunk)
+            size = thinp_rules.replica_size(
+                capacity, allocation, replica_physical, self.config.chunk)
             self._extend_replica(vm, d, size, replica_physical, allocation)
             replica_physical = sizes.device_size(r.path)
             capacity, allocation, _ = vm.call(lambda dom: dom.blockInfo(d.name, 0))
@@ -416,7 +381,7 @@ class Monitor:
     ) -> None:
         if physical >= sizes.cow_max_size(capacity):
             return
-        value = threshold(physical, self.mark)
+        value = thinp_rules.threshold(physical, self.mark)
         if value == 0 or value == d.threshold:
             return
         vm.call(lambda dom: dom.setBlockThreshold(d.name, value, 0))
@@ -440,9 +405,9 @@ class Monitor:
         have = sizes.device_size(r.path)
         if not is_thin(d):
             # The source needs no extension: the replica gets a watermark past its data.
-            if not needs_extension(capacity, allocation, have, self.mark):
+            if not thinp_rules.needs_extension(capacity, allocation, have, self.mark):
                 return
-            physical = replica_size(capacity, allocation, have, self.config.chunk)
+            physical = thinp_rules.replica_size(capacity, allocation, have, self.config.chunk)
         if have >= physical:
             return
         ids = (r.pool_id, r.domain_id, r.image_id, r.volume_id)

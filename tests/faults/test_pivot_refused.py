@@ -28,13 +28,17 @@ One daemon, one writing guest, starting on the file domain:
 (c) paused during the mirror, then the move fails (an injected syncData
     failure): the rollback's abort, which libvirt refuses for a paused job,
     is done in QEMU; the VM stays on the source;
+(d) the pivot asked of libvirt and the job force-cancelled in QEMU, both
+    behind the daemon's back (what a daemon killed between its own forced
+    cancel and closing the replica leaves), then the move fails: the
+    rollback's abort finds no job and still closes the replica's nodes;
 (a) paused just before the pivot, resumed 2 s after libvirt shows the
     pivot pending, while Finish waits: the pending pivot completes, the
     move finishes on the block domain (its daemon waits up to LONG_STALL
     for a job without progress, not the default 10 s the others use: the
     pause it tolerates must not be a race with the machine's load);
 
-(b) and (c) run onto the block domain first (the guest stays on the file
+(b), (c) and (d) run onto the block domain first (the guest stays on the file
 domain), then, after (a), onto the file domain: no extra move.  (b) onto
 block found a leak: libvirt opens a reused shallow copy's backing chain
 only at the pivot, and when that job ends without switching it closes the
@@ -61,6 +65,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
 
+import libvirt
 import pytest
 
 from tests import daemon as daemon_mod
@@ -71,7 +76,7 @@ from tests.vdsm_lsm import test_move_disk
 from tests.virt import test_thinp
 from vdsm_lsm import client_errors
 from vdsm_lsm import config as config_mod
-from virt import pivot
+from virt import pivot, thinp
 
 MiB = 1024**2
 
@@ -119,6 +124,43 @@ def test_a_job_asked_to_end_is_waited_for_boundedly(moves, gone_after, ended):
     timeouts = pivot.Timeouts(job_stall=0.6, job_end=1.5)
 
     assert pivot._wait_end(vm, vm.drives[0], timeouts) == ended
+
+
+class BusyJob(EndingJob):
+    """A job libvirt cannot report on for a while (its job lock held), then gone."""
+
+    def blockJobInfo(self, disk: str, flags: int = 0) -> dict[str, int]:  # noqa: N802
+        if 2 <= self.reads + 1 <= 4:
+            self.reads += 1
+            raise libvirt.libvirtError("cannot acquire state change lock")
+        return super().blockJobInfo(disk, flags)
+
+
+def test_a_job_libvirt_cannot_report_on_is_not_taken_for_ended():
+    dom = BusyJob(moves=True, gone_after=6)
+    vm = test_thinp.fake_vm(dom)
+
+    assert pivot._wait_end(vm, vm.drives[0], pivot.Timeouts(job_stall=60, job_end=60)) \
+        == pivot.ENDED
+    assert dom.reads == 6  # waited through the errors, until the job was gone
+
+
+def test_the_watermark_check_runs_while_a_job_is_waited_for(monkeypatch):
+    """A pivot waited for holds the VM's lock, which the monitor's cycles skip:
+    its check runs from the wait instead, at most once an interval."""
+    checked: list[str] = []
+    monkeypatch.setattr(thinp.Monitor, "check_vm", lambda self, v: checked.append(v.id))
+    for interval, expected in ((0.0, 7), (3600.0, 0)):
+        checked.clear()
+        vm = test_thinp.fake_vm(EndingJob(moves=True, gone_after=8))
+        mon = thinp.Monitor(None, None, list,  # type: ignore[arg-type]
+                            thinp.Config(interval=interval))
+        timeouts = pivot.Timeouts(job_stall=60, job_end=60, while_waiting=mon.checker(vm))
+        with vm.lock:
+            assert pivot._wait_end(vm, vm.drives[0], timeouts) == pivot.ENDED
+        # Seven looks at a job still running, each followed by a check
+        # (interval 0); none within an interval of the wait's start.
+        assert checked == [vm.id] * expected
 
 
 class Moving:
@@ -217,6 +259,40 @@ def paused_then_failed(moving: Moving, to: str) -> None:
     moving.check()
 
 
+def cancelled_behind_our_back(moving: Moving, to: str) -> None:
+    """(d) onto to: the pivot asked of libvirt and the job force-cancelled in
+    QEMU, neither by the daemon (as a daemon killed between its forced cancel
+    and the release leaves it); then the move fails and rolls back: the
+    abort finds no job, and still closes the replica's nodes libvirt opened."""
+    site = moving.site
+    since = len(site.daemon.log())
+    run = moving.flow(to)
+    injected = client_errors.ClientError(code("ImageIsNotLegalChain"), "injected failure")
+
+    def pivot_and_cancel(params: dict[str, Any]) -> None:
+        if not is_pivot(params):
+            return
+        job = moving.pause_job()
+        _, dom = site.domain(moving.vm)
+        dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+                          | libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC)
+        enospc_util.qmp(site, moving.vm, "block-job-cancel", device=job, force=True)
+        deadline = time.monotonic() + 30
+        while site.block_job(moving.vm) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not site.block_job(moving.vm)
+        raise injected
+
+    run.rpc.before["VM.diskReplicateFinish"] = pivot_and_cancel
+
+    assert run.fails() is injected
+    log = site.daemon.log()[since:]
+    assert "No block job left to abort" in log
+    assert "Closed the replica's nodes libvirt left open" in log
+    assert site.stats(moving.vm)["status"] == "Up"
+    moving.check()
+
+
 # Onto the block domain first (the guest starts on the file domain and stays
 # there), then (a) moves it there, then the same onto the file domain.
 
@@ -231,6 +307,12 @@ def test_a_pivot_onto_block_left_paused_is_cancelled_and_its_replica_released(mo
 def test_a_paused_mirror_onto_block_is_aborted_in_qemu_and_its_replica_released(moving):
     assert moving.on == moving.site.file_sd
     paused_then_failed(moving, moving.site.block_sd)
+
+
+@real
+def test_a_job_cancelled_behind_the_daemon_has_its_replica_released_by_the_abort(moving):
+    assert moving.on == moving.site.file_sd
+    cancelled_behind_our_back(moving, moving.site.block_sd)
 
 
 def restart_with_stall(moving: Moving, stall: float | None) -> None:

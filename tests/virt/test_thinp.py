@@ -24,7 +24,7 @@ from contrib.guest import verifier
 from storage import sd
 from tests.virt import conftest, lsm_env
 from virt import api as virt_api
-from virt import connection, errors, events, thinp
+from virt import connection, errors, events, thinp, thinp_rules
 from virt import drive as drive_mod
 from virt import vm as vm_mod
 
@@ -37,40 +37,42 @@ INTERVAL = 0.5
 
 
 def test_watermark_is_a_share_of_the_chunk():
-    assert thinp.watermark(2560 * MiB, 20) == 512 * MiB
-    assert thinp.watermark(8 * MiB, 50) == 4 * MiB
+    assert thinp_rules.watermark(2560 * MiB, 20) == 512 * MiB
+    assert thinp_rules.watermark(8 * MiB, 50) == 4 * MiB
 
 
 def test_needs_extension_when_free_space_below_watermark():
     mark = 2 * MiB
-    assert not thinp.needs_extension(64 * MiB, 5 * MiB, 8 * MiB, mark)
-    assert thinp.needs_extension(64 * MiB, 6 * MiB, 8 * MiB, mark)
-    assert thinp.needs_extension(64 * MiB, 8 * MiB, 8 * MiB, mark)
+    assert not thinp_rules.needs_extension(64 * MiB, 5 * MiB, 8 * MiB, mark)
+    assert thinp_rules.needs_extension(64 * MiB, 6 * MiB, 8 * MiB, mark)
+    assert thinp_rules.needs_extension(64 * MiB, 8 * MiB, 8 * MiB, mark)
     # At its maximum size (capacity * 1.1) nothing more can be given.
-    assert not thinp.needs_extension(64 * MiB, 70 * MiB, sizes.cow_max_size(64 * MiB), mark)
+    assert not thinp_rules.needs_extension(64 * MiB, 70 * MiB, sizes.cow_max_size(64 * MiB), mark)
 
 
 def test_next_size_grows_by_a_chunk_up_to_the_maximum():
-    assert thinp.next_size(64 * MiB, 8 * MiB, 8 * MiB) == 16 * MiB
-    assert thinp.next_size(64 * MiB, 64 * MiB, 8 * MiB) == sizes.cow_max_size(64 * MiB)
-    assert thinp.threshold(16 * MiB, 4 * MiB) == 12 * MiB
-    assert thinp.threshold(2 * MiB, 4 * MiB) == 0
+    assert thinp_rules.next_size(64 * MiB, 8 * MiB, 8 * MiB) == 16 * MiB
+    assert thinp_rules.next_size(64 * MiB, 64 * MiB, 8 * MiB) == sizes.cow_max_size(64 * MiB)
+    assert thinp_rules.threshold(16 * MiB, 4 * MiB) == 12 * MiB
+    assert thinp_rules.threshold(2 * MiB, 4 * MiB) == 0
 
 
 def test_plan_extends_the_replica_first_to_the_same_size():
-    assert thinp.extension_plan(64 * MiB, 8 * MiB, 8 * MiB, 8 * MiB) == [
+    assert thinp_rules.extension_plan(64 * MiB, 8 * MiB, 8 * MiB, 8 * MiB) == [
         ("replica", 16 * MiB),
         ("source", 16 * MiB),
     ]
     # A replica already big enough is left alone; no replica, only the source.
-    assert thinp.extension_plan(64 * MiB, 8 * MiB, 24 * MiB, 8 * MiB) == [("source", 16 * MiB)]
-    assert thinp.extension_plan(64 * MiB, 8 * MiB, None, 8 * MiB) == [("source", 16 * MiB)]
+    assert thinp_rules.extension_plan(64 * MiB, 8 * MiB, 24 * MiB, 8 * MiB) == [
+        ("source", 16 * MiB)]
+    assert thinp_rules.extension_plan(64 * MiB, 8 * MiB, None, 8 * MiB) == [("source", 16 * MiB)]
 
 
 def test_replica_of_a_file_source_grows_a_chunk_past_its_data():
-    assert thinp.replica_size(64 * MiB, 5 * MiB, 8 * MiB, 8 * MiB) == 16 * MiB
-    assert thinp.replica_size(64 * MiB, 20 * MiB, 8 * MiB, 8 * MiB) == 28 * MiB
-    assert thinp.replica_size(64 * MiB, 69 * MiB, 8 * MiB, 8 * MiB) == sizes.cow_max_size(64 * MiB)
+    assert thinp_rules.replica_size(64 * MiB, 5 * MiB, 8 * MiB, 8 * MiB) == 16 * MiB
+    assert thinp_rules.replica_size(64 * MiB, 20 * MiB, 8 * MiB, 8 * MiB) == 28 * MiB
+    assert thinp_rules.replica_size(64 * MiB, 69 * MiB, 8 * MiB, 8 * MiB) == sizes.cow_max_size(
+        64 * MiB)
 
 
 # The monitor on fakes: a libvirt domain and storage that record calls.
