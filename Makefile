@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 GUEST_DIR ?= /var/cache/vdsm-lsm/guest
 
-.PHONY: setup check test lint typecheck demo bench soak docs guest clean
+.PHONY: setup check test lint typecheck demo bench soak slow docs guest clean
 
 setup:
 	contrib/setup-host
@@ -31,6 +31,11 @@ demo: setup guest
 
 bench: setup guest
 	contrib/bench/run
+
+# The tests that wait out fixed timeouts of real components (marked slow),
+# which make check skips: e.g. sanlock's 8 * io_timeout + 60 s host expiry.
+slow: setup guest
+	VDSM_LSM_SLOW=1 contrib/run-checks -m slow
 
 # N live storage migrations with random faults (SOAK_N, default 100); not in check.
 soak: setup guest

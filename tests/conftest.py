@@ -35,5 +35,15 @@ def daemon(daemon_factory: collections.abc.Callable[..., daemon_mod.Daemon]) -> 
     return daemon_factory()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow run only with VDSM_LSM_SLOW=1 (make slow)."""
+    if os.environ.get("VDSM_LSM_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: make slow (VDSM_LSM_SLOW=1) runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"vdsm-lsm tests: uid={os.getuid()}"

@@ -163,6 +163,7 @@ def test_the_lease_is_free_at_once_when_its_holder_process_dies(
     assert waited < 10
 
 
+@pytest.mark.slow  # 75 s; tests/cluster/test_spm.py waits the same rule out in make check
 def test_failover_when_the_holders_sanlock_daemon_is_killed(
     two_hosts: tuple[sanlockd.SanlockHost, sanlockd.SanlockHost, Leases],
 ) -> None:

@@ -139,9 +139,12 @@ class PrivateLibvirtSite(site_mod.FaultSite):
 
 def wait_mirror(site: site_mod.FaultSite, vm: virt_conftest.GuestVM,
                 timeout: float = WAIT) -> None:
-    """Until VM.getStats shows the drive's mirror (copying or ready)."""
+    """Until the drive's mirror runs: VM.getStats shows it (copying or ready)
+    and libvirt has its block job.  The replica shows in VM.getStats as soon
+    as diskReplicateStart prepared it, before the job starts (a thin
+    replica is extended first): a fault injected then hits the start."""
     deadline = time.monotonic() + timeout
-    while "replicate" not in site.disk(vm):
+    while "replicate" not in site.disk(vm) or not site.block_job(vm):
         assert time.monotonic() < deadline, "the mirror never started"
         time.sleep(0.05)
 

@@ -203,7 +203,7 @@ def finished(m: Moving, flow: subprocess.Popen[str]) -> Proc:
 def wait_mirror(m: Moving, flow: subprocess.Popen[str]) -> bool:
     """Until the mirror runs (True) or move-disk ended first (False)."""
     while flow.poll() is None:
-        if "replicate" in m.site.disk(m.vm):
+        if "replicate" in m.site.disk(m.vm) and m.site.block_job(m.vm):
             return True
         time.sleep(0.05)
     return False
