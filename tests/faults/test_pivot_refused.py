@@ -32,11 +32,16 @@ One daemon, one writing guest, starting on the file domain:
     behind the daemon's back (what a daemon killed between its own forced
     cancel and closing the replica leaves), then the move fails: the
     rollback's abort finds no job and still closes the replica's nodes;
-(a) paused just before the pivot, resumed 2 s after libvirt shows the
-    pivot pending, while Finish waits: the pending pivot completes, the
-    move finishes on the block domain (its daemon waits up to LONG_STALL
+(a) paused just before the pivot and, once libvirt shows the pivot
+    pending, GROW_MB written through the guest's disk, more than the thin
+    block replica has room for; resumed once the watermark monitor extended
+    the replica (at least 2 s later), while Finish waits: the pending pivot
+    completes, the move finishes on the block domain.  Finish holds the
+    VM's lock while it waits, which the monitor's cycles skip: the
+    extension comes from the wait itself (Monitor.checker), or the resumed
+    job overflows the replica and fails.  Its daemon waits up to LONG_STALL
     for a job without progress, not the default 10 s the others use: the
-    pause it tolerates must not be a race with the machine's load);
+    pause it tolerates must not be a race with the machine's load;
 
 (b), (c) and (d) run onto the block domain first (the guest stays on the file
 domain), then, after (a), onto the file domain: no extra move.  (b) onto
@@ -59,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -83,15 +89,22 @@ MiB = 1024**2
 pytestmark = pytest.mark.timeout(600)
 real = storage_conftest.requires_root
 
-# (a): how long the job stays paused once its pivot is pending, and how long
-# its daemon (restarted for it, then with the default again) waits for a job
-# that makes no progress: with the default 10 s, a resume that a loaded
-# machine delays by 8 s (a new libvirt connection, the domain's job lock,
-# QMP) loses to the stall detection, which cancels the job: PivotImpossible.
+# (a): how long the job stays paused at least once its pivot is pending, and
+# how long its daemon (restarted for it, then with the default again) waits
+# for a job that makes no progress: with the default 10 s, a resume that a
+# loaded machine delays by 8 s (a new libvirt connection, the domain's job
+# lock, QMP) loses to the stall detection, which cancels the job: PivotImpossible.
 # Below [replication] job_end_timeout (60 s), after which a pending pivot is
 # changeDisk.
 RESUME_AFTER = 2.0
 SPAN_MB = 8
+# (a): what is written past the guest's span while the pivot waits (at
+# GROW_AT_MB: the image is 64 MiB): more than the replica's room (at most a
+# chunk, 16 MiB, past the leaf's SPAN_MB), so the replica needs extending;
+# and how long the monitor gets to do it before the job resumes.
+GROW_MB = 24
+GROW_AT_MB = 32
+EXTENDED_WITHIN = 15.0
 LONG_STALL = 45.0
 STALL_DROP_IN = "test-pivot-refused.conf"
 
@@ -168,11 +181,8 @@ class Moving:
 
     It writes over SPAN_MB only: a leaf's data then never reaches a thin
     replica's watermark (a chunk, 16 MiB, less 20 %), so no replica needs
-    extending.  A Finish waiting for a pending pivot holds the VM's lock,
-    and the watermark monitor skips a busy VM: a replica that needed room
-    then would overflow once the job runs again, and the job would fail
-    (found here with the job left paused 22 s; a case of its own, not this
-    module's)."""
+    extending, but in (a), which writes more through QEMU while a pivot
+    is waited for."""
 
     def __init__(self, site: site_mod.FaultSite) -> None:
         self.site = site
@@ -349,11 +359,32 @@ def mirror_ready(domain_xml: str) -> str | None:
     return None if found is None else found.get("ready", "")
 
 
+def grow_disk(moving: Moving) -> None:
+    """GROW_MB written into vda at GROW_AT_MB, past the guest's span, by QEMU
+    through the guest's device (HMP qemu-io): as a guest writing more would,
+    through the mirror (its dirty bitmap while the job is paused)."""
+    site, vm = moving.site, moving.vm
+    devices = [b["qdev"] for b in enospc_util.qmp(site, vm, "query-block") if "inserted" in b]
+    assert len(devices) == 1, devices
+    device = devices[0]
+    command = f'qemu-io -d {device} "write -P 0x6c {GROW_AT_MB}M {GROW_MB}M"'
+    out = enospc_util.qmp(site, vm, "human-monitor-command", **{"command-line": command})
+    assert out == "", out  # qemu-io's own output goes to QEMU's stdout; errors come here
+
+
+def replica_extended(log: str) -> int:
+    """Where the monitor's first extension of a replica is in log (-1: none)."""
+    found = re.search(r"Extended vm=\S+ drive=vda which=replica .*(?<!\(before mirroring\))$",
+                      log, re.MULTILINE)
+    return -1 if found is None else found.start()
+
+
 class Resumer(threading.Thread):
     """(a)'s operator, beside the Finish: once libvirt shows the pivot
-    pending on the job paused in QEMU, it leaves the job paused
-    RESUME_AFTER seconds more and resumes it.  What it saw and any error
-    are kept for the test (an exception would end with the thread)."""
+    pending on the job paused in QEMU, it grows the disk (grow_disk), leaves
+    the job paused until the replica was extended (EXTENDED_WITHIN at most)
+    and RESUME_AFTER seconds at least, and resumes it.  What it saw and any
+    error are kept for the test (an exception would end with the thread)."""
 
     def __init__(self, moving: Moving, job: str, finishing: threading.Event) -> None:
         super().__init__(name="resumer", daemon=True)
@@ -368,10 +399,18 @@ class Resumer(threading.Thread):
             while mirror_ready(dom.XMLDesc(0)) != "pivot":
                 assert self.finishing.is_set(), "Finish returned, its pivot never pending"
                 time.sleep(site_mod.POLL)
+            pending = time.monotonic()
             self.seen["paused"] = enospc_util.mirror_job(site, vm)["paused"]
-            time.sleep(RESUME_AFTER)
-            self.seen["finishing"] = self.finishing.is_set()
-            enospc_util.qmp(site, vm, "block-job-resume", device=self.job)
+            since = len(site.daemon.log())
+            try:
+                grow_disk(self.moving)
+                while (replica_extended(site.daemon.log()[since:]) < 0
+                       and time.monotonic() < pending + EXTENDED_WITHIN):
+                    time.sleep(site_mod.POLL)
+            finally:  # resumed also if that failed: no wait for the stall
+                time.sleep(max(0.0, pending + RESUME_AFTER - time.monotonic()))
+                self.seen["finishing"] = self.finishing.is_set()
+                enospc_util.qmp(site, vm, "block-job-resume", device=self.job)
         except BaseException as e:
             self.error = e
         finally:
@@ -379,8 +418,10 @@ class Resumer(threading.Thread):
 
 
 @real
-def test_a_pivot_paused_then_resumed_finishes(moving, long_stall):
+def test_a_pivot_paused_then_resumed_finishes_its_replica_extended_meanwhile(
+        moving, long_stall):
     site = moving.site
+    since = len(site.daemon.log())
     run = moving.flow(site.block_sd)
     finishing = threading.Event()  # the pivot's Finish is in flight
     resumers: list[Resumer] = []
@@ -408,6 +449,13 @@ def test_a_pivot_paused_then_resumed_finishes(moving, long_stall):
     # while that Finish waited for it: one call.
     assert resumers[0].seen == {"paused": True, "finishing": True}
     assert run.rpc.calls.count("VM.diskReplicateFinish") == 1
+    # The replica was extended by the monitor while Finish waited (the VM's
+    # lock held), between its pivot and the pivot's end.
+    log = site.daemon.log()[since:]
+    pivoting = log.index("Pivoting vm=")
+    extended = replica_extended(log[pivoting:])
+    assert extended >= 0, "no extension of the replica while the pivot was waited for"
+    assert "Pivot done vm=" in log[pivoting + extended:]
     moving.on = site.block_sd
     moving.check()
 
