@@ -56,10 +56,13 @@ BLANK = "00000000-0000-0000-0000-000000000000"
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WAIT = 120.0
 CONFIG = {"irs": {"volume_utilization_chunk_mb": 16, "volume_utilization_percent": 50}}
-# Mirroring a guest that writes flat out (30-40 MiB/s under TCG): a 24 MiB
-# watermark covers the ~0.45 s of a replica + source pair.  Host 1 copies
-# the base at 8 MiB/s, so the mirror lasts the ~6 s syncData takes.
-LSM_CONFIG = {"irs": {"volume_utilization_chunk_mb": 32, "volume_utilization_percent": 75}}
+# Mirroring a guest that writes flat out (30-40 MiB/s under TCG): a 32 MiB
+# watermark (a whole chunk) covers the ~0.45 s of a replica + source pair
+# with room for a monitor delayed by the machine's load (24 MiB was too
+# tight: twice in full runs on a briefly busy machine the guest filled its
+# leaf first and paused).  Host 1 copies the base at 8 MiB/s, so the mirror
+# lasts the ~6 s syncData takes.
+LSM_CONFIG = {"irs": {"volume_utilization_chunk_mb": 32, "volume_utilization_percent": 100}}
 COPY_RATE = {"irs": {"copy_rate_limit_mb": 8}}
 BASE_DATA = "write -P 0x5a 0 48M"
 PAUSED = "VM paused on I/O error"
